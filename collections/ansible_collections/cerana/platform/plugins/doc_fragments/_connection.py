@@ -52,7 +52,7 @@ options:
     type: float
     default: 10.0
 notes:
-  - Needs the C(py-consul) Python library where the module runs (usually the controller, with C(delegate_to: localhost)).
+  - Needs the C(py-consul) Python library where the module runs (usually the controller, through C(delegate_to=localhost) or a play on V(localhost)).
 """
 
     ACTIONGROUP = r"""

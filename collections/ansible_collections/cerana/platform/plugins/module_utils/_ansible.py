@@ -154,4 +154,3 @@ def declare_config(module, model, key, fields):
         return object_result(model.KIND, outcome, module)
 
     run(module, work)
-

@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import ipaddress
 import json
+import math
 import re
 import uuid
 
@@ -89,7 +90,7 @@ def _show(value):
 def _fields(data, path, allowed, required=()):
     if not isinstance(data, dict):
         raise ValidationError(path, "must be a mapping, got %s" % type(data).__name__)
-    unknown = sorted(set(data) - set(allowed))
+    unknown = sorted(set(data) - set(allowed), key=str)  # YAML keys need not be strings
     if unknown:
         raise ValidationError("%s.%s" % (path, unknown[0]), "unknown field (allowed: %s)" % ", ".join(sorted(allowed)))
     for name in required:
@@ -115,6 +116,9 @@ def _number(value, path, lo_exclusive=None, optional=False):
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError(path, "must be a number, got %s" % _show(value))
+    if isinstance(value, float) and not math.isfinite(value):
+        # NaN and infinities are not JSON, and NaN != NaN breaks from_dict(to_dict(x)) == x.
+        raise ValidationError(path, "must be a finite number, got %s" % value)
     if lo_exclusive is not None and value <= lo_exclusive:
         raise ValidationError(path, "must be > %s, got %s" % (lo_exclusive, value))
     return int(value) if float(value).is_integer() else float(value)
@@ -207,19 +211,23 @@ def canonical_json(data):
 
 
 def utc_now():
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def format_time(when):
     """RFC 3339, UTC, microseconds: ``2026-11-30T03:04:05.123456Z``."""
-    return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat, not strftime("%Y"): glibc does not zero-pad years before 1000, and the
+    # result would not parse back.
+    return when.astimezone(datetime.UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(value, path):
     _str(value, path)
     try:
         when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if when.tzinfo is not None:
+            when.astimezone(datetime.UTC)  # OverflowError near year 1 or 9999
+    except (ValueError, OverflowError):
         raise ValidationError(path, "must be an RFC 3339 time, got %s" % _show(value)) from None
     if when.tzinfo is None:
         raise ValidationError(path, "must carry a time zone, got %s" % _show(value))
@@ -354,15 +362,15 @@ HEALTH_CHECK_ARGS = {
         "port": (_port, UNSET),
         "path": (lambda v, p: _abs_path(v, p) if isinstance(v, str) and "?" not in v else _str(v, p), "/"),
         "scheme": (lambda v, p: _choice(v, p, ("http", "https")), "http"),
-        "host": (lambda v, p: _str(v, p), "127.0.0.1"),
+        "host": (_str, "127.0.0.1"),
         "expect_status": (lambda v, p: _int(v, p, 100, 599), 200),
-        "body_regex": (lambda v, p: _regex(v, p), None),
+        "body_regex": (_regex, None),
     },
     "tcp": {
         "port": (_port, UNSET),
-        "host": (lambda v, p: _str(v, p), "127.0.0.1"),
+        "host": (_str, "127.0.0.1"),
         "send": (lambda v, p: _str(v, p, nonempty=False), None),
-        "expect_regex": (lambda v, p: _regex(v, p), None),
+        "expect_regex": (_regex, None),
     },
     "command": {
         "cmd": (lambda v, p: list(_str_list(v, p, nonempty=True)), UNSET),
@@ -375,7 +383,7 @@ HEALTH_CHECK_ARGS = {
         "max_size": (lambda v, p: _int(v, p, 0), None),
     },
     "uptime": {
-        "min_uptime": (lambda v, p: parse_duration(v, p), UNSET),
+        "min_uptime": (parse_duration, UNSET),
     },
 }
 
@@ -413,9 +421,9 @@ class HealthCheck(_Model):
                 args[name] = default
             else:
                 args[name] = check(value, "%s.args.%s" % (path, name))
-        if kind == "file" and args["min_size"] is not None and args["max_size"] is not None:
-            if args["min_size"] > args["max_size"]:
-                raise ValidationError(path + ".args.min_size", "is larger than max_size")
+        sizes = (args.get("min_size"), args.get("max_size"))
+        if kind == "file" and None not in sizes and sizes[0] > sizes[1]:
+            raise ValidationError(path + ".args.min_size", "is larger than max_size")
         interval = parse_duration(data.get("interval", 10), path + ".interval")
         timeout = parse_duration(data.get("timeout", 5), path + ".timeout")
         _int(interval, path + ".interval", 1, 86400)

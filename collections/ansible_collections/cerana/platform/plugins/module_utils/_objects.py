@@ -165,7 +165,7 @@ class Objects:
         read (``reread()``), since the desired state does not depend on it.
         Nothing is written when the stored object already equals ``desired``.
         """
-        for _ in range(10):
+        for _attempt in range(10):
             before = current.obj if current else None
             if before == desired:
                 return Outcome(False, before, desired, current.mod_index if current else None)

@@ -121,7 +121,8 @@ class ConnectionSettings:
         """Settings from ``CONSUL_HTTP_*`` variables; non-None ``overrides`` win."""
         env = os.environ if environ is None else environ
         values = {
-            "address": env.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDRESS,
+            # Like the consul CLI: CONSUL_HTTP_SSL also applies to the default address.
+            "address": env.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDRESS.split("://", 1)[1],
             "token": env.get("CONSUL_HTTP_TOKEN") or None,
             "validate_certs": parse_bool(env.get("CONSUL_HTTP_SSL_VERIFY", "true"), "CONSUL_HTTP_SSL_VERIFY"),
             "ca_path": env.get("CONSUL_CACERT") or None,
@@ -131,6 +132,8 @@ class ConnectionSettings:
         }
         if parse_bool(env.get("CONSUL_HTTP_SSL", "false"), "CONSUL_HTTP_SSL") and "://" not in values["address"]:
             values["address"] = "https://" + values["address"]
+        elif "://" not in values["address"]:
+            values["address"] = "http://" + values["address"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -177,6 +180,8 @@ def parse_address(address):
 def _check_key(key):
     if not isinstance(key, str):
         raise Invalid("key must be a string, got %r" % (key,))
+    if not key:
+        raise Invalid("key must not be empty")
     if key.startswith("/"):
         raise Invalid("key %r: must not start with '/'" % key)
     if "//" in key or any(part in (".", "..") for part in key.split("/")):
@@ -263,6 +268,9 @@ class Store:
             )
         if code == 404 and allow_404:
             return resp
+        if code == 500 and "invalid session" in resp.body.lower():
+            # acquire/release with a session that expired or was destroyed
+            raise LockNotHeld("Consul refused %s %s: %s" % (method.upper(), path, resp.body.strip()))
         if code == 400 or code == 413:
             raise Invalid("Consul rejected %s %s: %s" % (method.upper(), path, resp.body.strip()))
         if code >= 500 and "rpc error" in resp.body.lower():
@@ -311,8 +319,7 @@ class Store:
 
     def list(self, prefix="", *, consistent=False):
         """Every entry below ``prefix``, recursively, sorted by key."""
-        index, entries = self._list(prefix, consistent=consistent)
-        return entries
+        return self._list(prefix, consistent=consistent)[1]
 
     def _list(self, prefix, *, index=None, wait=None, consistent=False):
         params = [("recurse", "")]
@@ -322,7 +329,7 @@ class Store:
             params += [("index", str(index)), ("wait", wait)]
         full = self.prefix + prefix if prefix else self.prefix
         if prefix:
-            _check_key(prefix.rstrip("/") or "x")
+            _check_key(prefix.rstrip("/") or prefix)  # "/" and "//" are invalid too
         resp = self._call("get", "/v1/kv/" + full, params)
         new_index = int(resp.headers.get("X-Consul-Index", 0) or 0)
         if resp.code == 404:
@@ -332,6 +339,8 @@ class Store:
     def keys(self, prefix="", *, separator=None):
         """Keys below ``prefix`` (relative to the store prefix). With ``separator='/'``, immediate children only."""
         full = self.prefix + prefix if prefix else self.prefix
+        if prefix:
+            _check_key(prefix.rstrip("/") or prefix)  # "/" and "//" are invalid too
         params = [("keys", ""), ("separator", separator)]
         resp = self._call("get", "/v1/kv/" + full, params)
         if resp.code == 404:
@@ -340,7 +349,7 @@ class Store:
 
     def children(self, prefix):
         """Names of the immediate children of ``prefix/`` (both leaves and sub-trees)."""
-        base = prefix.rstrip("/") + "/"
+        base = prefix.rstrip("/") + "/" if prefix.rstrip("/") else ""
         names = set()
         for key in self.keys(base, separator="/"):
             rest = key[len(base) :]
@@ -415,7 +424,8 @@ class Store:
         for op in ops:
             kv = dict(op["KV"])
             key = kv["Key"]
-            kv["Key"] = self._full(key.rstrip("/")) + ("/" if key.endswith("/") else "")
+            # "x/" (a delete-tree prefix) is checked as "x"; "/" alone stays invalid
+            kv["Key"] = self._full(key.rstrip("/") or key) + ("/" if key.endswith("/") else "")
             if "Value" in kv:
                 kv["Value"] = _b64(kv["Value"])
             payload.append({"KV": kv})
@@ -427,9 +437,21 @@ class Store:
             idx = first.get("OpIndex", 0)
             bad = payload[idx]["KV"] if idx < len(payload) else {}
             msg = first.get("What", "transaction rolled back")
-            if "cas" in msg.lower() or "index" in msg.lower() or bad.get("Verb") in ("cas", "delete-cas", "check-index", "check-not-exists"):
+            if "permission denied" in msg.lower():
+                # ACLs reject a transaction's operations with 409, not 403.
+                raise PermissionDenied(
+                    "Consul refused the transaction on %r: permission denied (%s)"
+                    % (
+                        self._rel(bad.get("Key", "?")),
+                        "the token lacks the right" if self.settings.token else "no ACL token was given",
+                    )
+                )
+            # Classify by the failed operation's verb: Consul's message quotes the key,
+            # so matching words in it misfires on keys such as "cas-lock".
+            verb = bad.get("Verb")
+            if verb in ("cas", "delete-cas", "check-index", "check-not-exists"):
                 raise CasConflict(self._rel(bad.get("Key", "?")), bad.get("Index", 0), None)
-            if "lock" in msg.lower() or "session" in msg.lower():
+            if verb in ("lock", "unlock", "check-session"):
                 raise LockNotHeld("transaction on %r failed: %s" % (self._rel(bad.get("Key", "?")), msg))
             raise Invalid("transaction rolled back: %s" % msg)
         return [self._entry(r["KV"]) for r in (data.get("Results") or []) if r.get("KV")]
@@ -439,16 +461,18 @@ class Store:
 
         Returning None from ``fn`` leaves the key as it is. Returns the final Entry.
         """
-        for _ in range(attempts):
+        last = CasConflict(key, None, None)
+        for _attempt in range(attempts):
             current = self.get(key, consistent=True)
             new = fn(current.value if current else None)
             if new is None:
                 return current
             try:
                 return self.put(key, new, cas=current.modify_index if current else 0)
-            except CasConflict:
+            except CasConflict as e:
+                last = e  # report the indexes of the last lost race, not "expected None"
                 continue
-        raise CasConflict(key, None, None)
+        raise last
 
     # -- sessions -------------------------------------------------------------
 
@@ -456,7 +480,7 @@ class Store:
         """Create a session with a TTL (seconds). Returns its id."""
         body = {
             "Name": name,
-            "TTL": "%ds" % max(1, int(round(ttl))),
+            "TTL": "%ds" % max(1, round(ttl)),
             "Behavior": behavior,
             "LockDelay": "%ds" % int(lock_delay),
             # No node health checks: a session lives exactly as long as it is renewed.
@@ -626,7 +650,13 @@ class Lock:
                 self.session = self.store.session_create(
                     self.ttl, behavior="release", lock_delay=self.lock_delay, name=self.name
                 )
-            if self.store.acquire(self.key, self.value, self.session):
+            try:
+                acquired = self.store.acquire(self.key, self.value, self.session)
+            except LockNotHeld:
+                # Our session expired or was destroyed since the last attempt: start afresh.
+                self.session = None
+                continue
+            if acquired:
                 return True
             if not blocking:
                 return False

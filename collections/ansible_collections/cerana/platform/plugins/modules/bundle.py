@@ -185,7 +185,11 @@ mod_index:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.cerana.platform.plugins.module_utils._ansible import CONNECTION_ARGSPEC, LIMITS_SPEC, declare_object
+from ansible_collections.cerana.platform.plugins.module_utils._ansible import (
+    CONNECTION_ARGSPEC,
+    LIMITS_SPEC,
+    declare_object,
+)
 
 FIELDS = ("id", "redundancy", "services", "datasets", "ports")
 

@@ -10,8 +10,8 @@ module: cluster_config
 short_description: Set the cluster-wide configuration
 version_added: 0.1.0
 description:
-  - Sets the cluster configuration kept at C(<kv_prefix>/cluster/config): heartbeat TTLs, the service
-    network and how long node history is kept.
+  - Sets the cluster configuration kept at C(<kv_prefix>/cluster/config), that is the heartbeat TTLs,
+    the service network and how long node history is kept.
   - The configuration is declared in full, each option left out takes its default.
     O(state=absent) removes the key, which means every default applies.
   - Durations are seconds, or strings such as V(30s), V(5m), V(1h), V(1d).

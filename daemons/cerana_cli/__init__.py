@@ -1,0 +1,3 @@
+"""Cerana command-line tools."""
+
+__version__ = "0.1.0"
