@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cerana_cli import __version__
 from cerana_cli.consul_agent import ConsulAgent, ConsulError, http_request, pid_alive, terminate_pid
+from cerana_lab.cli import register as register_lab
 
 log = logging.getLogger("cerana")
 
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--http-port", type=int, help="HTTP port (default: a free port)")
             sub.add_argument("--consul", metavar="PATH", help="consul binary (default: see scripts/ensure-consul.sh)")
         sub.set_defaults(func=func)
+
+    register_lab(groups)
     return parser
 
 

@@ -1,0 +1,3 @@
+from cerana_lab.cli import main
+
+raise SystemExit(main())
