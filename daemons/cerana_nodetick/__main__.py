@@ -1,0 +1,3 @@
+from cerana_nodetick.cli import main
+
+raise SystemExit(main())
