@@ -595,6 +595,9 @@ class BundleService(_Model):
             pairs = [((m or {}).get("name") if isinstance(m, dict) else None, m) for m in raw_mounts]
         elif isinstance(raw_mounts, dict):
             pairs = [(k, dict(v, name=v.get("name", k)) if isinstance(v, dict) else v) for k, v in raw_mounts.items()]
+            for k, v in pairs:
+                if isinstance(v, dict) and v["name"] != k:
+                    raise ValidationError("%s.datasets.%s.name" % (path, k), "must equal its key %s" % _show(k))
         else:
             raise ValidationError(path + ".datasets", "must be a mapping or a list of mounts")
         points = {}

@@ -19,6 +19,7 @@ import base64
 import dataclasses
 import json
 import os
+import random
 import threading
 import time
 import urllib.parse
@@ -396,9 +397,10 @@ class Store:
         ``datasets/webapp``. With ``cas_key`` and ``cas``, only if ``cas_key`` still has
         modify index ``cas`` (raises CasConflict otherwise).
         """
-        base = prefix.strip("/")
+        base = prefix.rstrip("/")
         if not base:
             raise Invalid("refusing to delete the whole store: the prefix is empty")
+        _check_key(base)
         ops = []
         if cas_key is not None and cas is not None:
             ops.append({"KV": {"Verb": "check-index", "Key": cas_key, "Index": int(cas)}})
@@ -462,7 +464,7 @@ class Store:
         Returning None from ``fn`` leaves the key as it is. Returns the final Entry.
         """
         last = CasConflict(key, None, None)
-        for _attempt in range(attempts):
+        for attempt in range(attempts):
             current = self.get(key, consistent=True)
             new = fn(current.value if current else None)
             if new is None:
@@ -471,7 +473,8 @@ class Store:
                 return self.put(key, new, cas=current.modify_index if current else 0)
             except CasConflict as e:
                 last = e  # report the indexes of the last lost race, not "expected None"
-                continue
+                # Back off a little, with jitter, so hot writers stop colliding in lockstep.
+                time.sleep(random.uniform(0, min(0.2, 0.005 * (2**attempt))))
         raise last
 
     # -- sessions -------------------------------------------------------------
