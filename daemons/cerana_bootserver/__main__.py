@@ -1,0 +1,5 @@
+import sys
+
+from cerana_bootserver.cli import main
+
+sys.exit(main())
