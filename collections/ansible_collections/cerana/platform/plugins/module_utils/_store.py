@@ -334,6 +334,8 @@ class Store:
         resp = self._call("get", "/v1/kv/" + full, params)
         new_index = int(resp.headers.get("X-Consul-Index", 0) or 0)
         if resp.code == 404:
+            if index is None:
+                self._check_read(full)
             return new_index, []
         return new_index, sorted((self._entry(i) for i in json.loads(resp.body)), key=lambda e: e.key)
 
@@ -345,8 +347,17 @@ class Store:
         params = [("keys", ""), ("separator", separator)]
         resp = self._call("get", "/v1/kv/" + full, params)
         if resp.code == 404:
+            self._check_read(full)
             return []
         return sorted(self._rel(k) for k in json.loads(resp.body))
+
+    def _check_read(self, full):
+        """Raise PermissionDenied when an empty listing is really an ACL filtering everything out.
+
+        Consul answers a recursive read it may not show with 404, like an empty tree; a
+        plain read of the prefix key itself answers 403 in that case.
+        """
+        self._call("get", "/v1/kv/" + full)
 
     def children(self, prefix):
         """Names of the immediate children of ``prefix/`` (both leaves and sub-trees)."""
