@@ -46,6 +46,11 @@ def object_key(kind, object_id):
     return object_root(kind, object_id) + "/config"
 
 
+def dataset_content_key(dataset_id):
+    """The content record of an imported dataset (digest and size), beside its config."""
+    return object_root("dataset", dataset_id) + "/content"
+
+
 def node_key(node_id):
     return NODES_PREFIX + node_id
 
@@ -293,6 +298,45 @@ class Dataset(_Model):
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetContent(_Model):
+    """What an import recorded about a dataset's data, at ``datasets/<id>/content``.
+
+    Kept apart from the declared ``config`` so that declaring a dataset never touches
+    it; written with the config, in one transaction, only once a complete copy exists.
+    ``digest`` is defined in ``_datasets.py``; ``size`` is the total of the file sizes.
+    """
+
+    KIND = "dataset_content"
+    digest: str
+    size: int
+    files: int = 0
+
+    @classmethod
+    def from_dict(cls, data, path="dataset_content"):
+        _fields(data, path, {"digest", "size", "files"}, required=("digest", "size"))
+        return cls(
+            digest=_digest(data["digest"], path + ".digest"),
+            size=_int(data["size"], path + ".size", 0),
+            files=_int(data.get("files", 0), path + ".files", 0),
+        )
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def _digest(value, path):
+    if value is None:
+        return None
+    _str(value, path)
+    if not _DIGEST.match(value):
+        raise ValidationError(path, "must be sha256: and 64 lowercase hex digits, got %s" % _show(value))
+    return value
 
 
 # ---------------------------------------------------------------------------

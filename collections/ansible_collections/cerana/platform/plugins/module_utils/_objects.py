@@ -109,6 +109,40 @@ class Objects:
                 datasets[did] = found.obj
         return m.overlay_bundle(bundle, services, datasets)
 
+    # -- imported dataset content (datasets/<id>/content) ----------------------
+
+    def dataset_content(self, dataset_id):
+        """The DatasetContent an import recorded, or None."""
+        entry = self.store.get(m.dataset_content_key(dataset_id), consistent=True)
+        return None if entry is None else _decode(m.DatasetContent, entry, "dataset %s content" % dataset_id)
+
+    def dataset_contents(self):
+        """{dataset id: DatasetContent} of every imported dataset (one recursive read)."""
+        out = {}
+        for entry in self.store.list("datasets/"):
+            parts = entry.key.split("/")
+            if len(parts) == 3 and parts[2] == "content":
+                out[parts[1]] = _decode(m.DatasetContent, entry, "dataset %s content" % parts[1])
+        return out
+
+    def register_import(self, dataset, content, cas):
+        """Declare ``dataset`` (compare-and-swap on ``cas``; 0: must be new) and record its
+        content, in one transaction. Returns the config key's new modify index."""
+        results = self.store.txn(
+            [
+                {
+                    "KV": {
+                        "Verb": "cas",
+                        "Key": m.object_key("dataset", dataset.id),
+                        "Value": dataset.to_bytes(),
+                        "Index": int(cas),
+                    }
+                },
+                {"KV": {"Verb": "set", "Key": m.dataset_content_key(dataset.id), "Value": content.to_bytes()}},
+            ]
+        )
+        return results[0].modify_index
+
     # -- live state written by the node ticks ----------------------------------
 
     def nodes(self):
@@ -154,6 +188,14 @@ class Objects:
 
     # -- the declarative step --------------------------------------------------
 
+    def _remove_leftovers(self, subtree, check_mode):
+        """An object without its config key may still have keys below it (written by a daemon
+        after a delete, or by hand): removing the object removes them too."""
+        leftovers = self.store.keys(subtree.rstrip("/") + "/")
+        if leftovers and not check_mode:
+            self.store.delete_tree(subtree)
+        return Outcome(bool(leftovers), None, None, None)
+
     def apply(self, key, desired, *, current=None, mod_index=None, check_mode=False, subtree=None, reread=None):
         """Make ``key`` hold ``desired`` (a model) or be absent (``desired`` None).
 
@@ -167,6 +209,8 @@ class Objects:
         """
         for _attempt in range(10):
             before = current.obj if current else None
+            if desired is None and current is None and subtree is not None:
+                return self._remove_leftovers(subtree, check_mode)
             if before == desired:
                 return Outcome(False, before, desired, current.mod_index if current else None)
             if mod_index is not None:

@@ -10,8 +10,9 @@ module: dataset_info
 short_description: List declared datasets and where their copies live
 version_added: 0.1.0
 description:
-  - Returns the declared datasets, with the nodes whose dataset heartbeats report a copy and whether
-    the declared redundancy is met.
+  - Returns the declared datasets, with the nodes whose dataset heartbeats report a copy, whether
+    the declared redundancy is met, and what M(cerana.platform.dataset_import) recorded about the content
+    (digest, size in bytes, number of files).
 extends_documentation_fragment:
   - cerana.platform._connection
   - cerana.platform._connection.actiongroup
@@ -43,7 +44,8 @@ datasets:
   elements: dict
   sample:
     - {id: web-data, parent: null, parent_same_node: false, read_only: true, redundancy: 2, quota: null, nfs: false,
-       mod_index: 42, nodes: [3f2a9c], in_use_on: [], redundancy_met: false}
+       mod_index: 42, nodes: [3f2a9c], in_use_on: [], redundancy_met: false,
+       content: {digest: "sha256:6349106624c74201332c52a97ff9ef33e33e0a858d1cd5fc93802633bc97cfa6", size: 104857600, files: 12}}
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -59,6 +61,11 @@ def work(module, store):
     wanted = module.params["id"]
     found = [objects.get("dataset", wanted)] if wanted else objects.list("dataset")
     heartbeats = objects.dataset_heartbeats(wanted)
+    if wanted:
+        found_content = objects.dataset_content(wanted)
+        contents = {wanted: found_content} if found_content else {}
+    else:
+        contents = objects.dataset_contents()
     out = []
     for stored in filter(None, found):
         beats = heartbeats.get(stored.obj.id, [])
@@ -66,6 +73,8 @@ def work(module, store):
         item["nodes"] = sorted(hb.node for hb in beats)
         item["in_use_on"] = sorted(hb.node for hb in beats if hb.in_use)
         item["redundancy_met"] = len(item["nodes"]) >= stored.obj.redundancy
+        content = contents.get(stored.obj.id)
+        item["content"] = content.to_dict() if content else None
         out.append(item)
     return {"changed": False, "datasets": out}
 

@@ -1,0 +1,3 @@
+from cerana_dataserver.cli import main
+
+raise SystemExit(main())

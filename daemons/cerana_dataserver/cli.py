@@ -1,0 +1,84 @@
+"""``cerana-dataserver``: parse flags, load Settings, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from cerana_dataserver import __version__
+from cerana_dataserver.config import ConfigError, Settings
+from cerana_dataserver.server import make_server
+
+log = logging.getLogger("cerana_dataserver")
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cerana-dataserver",
+        description="Serve this node's datasets (<data_dir>/datasets/<id>/) over HTTP, and receive imports "
+        "and replicas into it. Settings come from flags, then CERANA_DATASERVER_* environment variables, "
+        "then the TOML file, then the defaults.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-c", "--config", metavar="FILE",
+        help="TOML settings file (env CERANA_DATASERVER_CONFIG; default /etc/cerana/dataserver.toml if present)",
+    )  # fmt: skip
+    defaults = Settings()
+    for field in dataclasses.fields(Settings):
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            metavar=field.name.split("_")[-1].upper(),
+            help=f"{field.metadata['help']} (default: {getattr(defaults, field.name)!s}; "
+            f"env CERANA_DATASERVER_{field.name.upper()})",
+        )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, stop: threading.Event | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config")
+    try:
+        settings = Settings.load(args, path=config_path)
+    except ConfigError as e:
+        print(f"cerana-dataserver: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().handlers[:] = [handler]
+    logging.getLogger().setLevel(settings.log_level)
+    try:
+        server = make_server(settings)
+    except OSError as e:
+        print(f"cerana-dataserver: cannot serve on {settings.address}:{settings.port}: {e}", file=sys.stderr)
+        return 1
+    stop = stop or threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread.start()
+    log.info("serving %s on %s:%d", settings.data_dir, settings.address, settings.port)
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
