@@ -34,6 +34,7 @@ from cerana_lab.plan import (
     CreateNode,
     DeleteLink,
     DeleteNetns,
+    KillMachine,
     KillNamespaceProcesses,
     Lab,
     LabError,
@@ -56,6 +57,8 @@ from cerana_lab.plan import (
     node_healthy,
     node_status_line,
     plan_down,
+    plan_start,
+    plan_stop,
     plan_up,
     validate_name,
     veth_name,
@@ -170,6 +173,10 @@ class Executor:
             self.to_wait.append(action.node.name)
         elif isinstance(action, StopMachine):
             host.terminate(action.pids, timeout=30)
+        elif isinstance(action, KillMachine):
+            log.info("killing machine %s (SIGKILL to its PID 1, %d)", action.netns, action.leader)
+            host.kill(action.leader)
+            host.terminate(action.pids, timeout=10)
         elif isinstance(action, KillNamespaceProcesses):
             pids = host.processes_in_netns(action.netns)
             if pids:
@@ -263,6 +270,41 @@ def cmd_down(args: argparse.Namespace) -> int:
     if left:
         raise LabError(f"links left behind: {', '.join(left)}")
     log.info("lab %s is down (%.1f s)", args.name, time.monotonic() - started)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    host.require_root()
+    labdir = LabDir(args.state_dir, args.name)
+    started = time.monotonic()
+    with labdir.locked():
+        actions = plan_stop(labdir.load(), args.node, host.observe(), kill=args.kill)
+        Executor(labdir).run(actions)
+    if not actions:
+        log.info("%s of lab %s is not running", args.node, args.name)
+    else:
+        how = "killed" if args.kill else "stopped"
+        log.info("%s of lab %s %s (%.1f s)", args.node, args.name, how, time.monotonic() - started)
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    host.require_root()
+    host.require_tools(["systemd-nspawn", "nsenter", "setsid"])
+    labdir = LabDir(args.state_dir, args.name)
+    started = time.monotonic()
+    with labdir.locked():
+        state = labdir.load()
+        actions = plan_start(state, args.node, host.observe())
+        if actions:
+            assert state is not None
+            lab = make_lab(state.name, state.kind, len(state.nodes), state.subnet)
+            image = rootfs.ensure_rootfs(args.rootfs_cache, args.suite)
+            Executor(labdir, lab, image, boot_timeout=args.boot_timeout).run(actions)
+    if not actions:
+        log.info("%s of lab %s is already running", args.node, args.name)
+    else:
+        log.info("%s of lab %s started (%.1f s)", args.node, args.name, time.monotonic() - started)
     return 0
 
 
@@ -412,6 +454,31 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     common(down)
     down.set_defaults(func=_guarded(cmd_down))
+
+    stop = commands.add_parser(
+        "stop",
+        help="stop one node's machine (nspawn labs)",
+        description="Stop one node's machine: a clean shutdown, or with --kill a crash (SIGKILL to its PID 1). "
+        "The node's namespace stays; `start` boots the machine again from a fresh overlay.",
+    )
+    common(stop)
+    stop.add_argument("node", help="node name, e.g. node2")
+    stop.add_argument("--kill", action="store_true", help="kill the machine at once instead of shutting it down")
+    stop.set_defaults(func=_guarded(cmd_stop))
+
+    start = commands.add_parser(
+        "start",
+        help="boot one node's stopped machine again (nspawn labs)",
+        description="Boot a stopped node's machine again (a fresh overlay: what was installed on it is gone).",
+    )
+    common(start)
+    start.add_argument("node", help="node name, e.g. node2")
+    start.add_argument("--rootfs-cache", type=Path, default=rootfs.DEFAULT_CACHE, help=argparse.SUPPRESS)
+    start.add_argument("--suite", default=rootfs.DEFAULT_SUITE, help=argparse.SUPPRESS)
+    start.add_argument(
+        "--boot-timeout", type=float, default=machines.DEFAULT_BOOT_TIMEOUT, help="seconds to wait for the boot"
+    )
+    start.set_defaults(func=_guarded(cmd_start))
 
     status = commands.add_parser(
         "status",

@@ -170,6 +170,11 @@ def terminate(pids: Iterable[int], *, timeout: float = 20.0, reap_wait: float = 
             time.sleep(0.02)
 
 
+def kill(pid: int) -> None:
+    """SIGKILL one process (gone already is fine)."""
+    _signal(pid, signal.SIGKILL)
+
+
 def _exists(pid: int, start: int) -> bool:
     _alive(pid)  # reaps it if it is our child
     return pid_start_time(pid) == start

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
 
@@ -274,6 +274,15 @@ class StopMachine:
 
 
 @dataclass(frozen=True)
+class KillMachine:
+    """SIGKILL the machine's PID 1: its whole pid namespace dies at once, like a power cut."""
+
+    netns: str
+    leader: int
+    pids: tuple[int, ...]  # systemd-nspawn, which exits when its machine died
+
+
+@dataclass(frozen=True)
 class KillNamespaceProcesses:
     """Kill whatever still runs inside a lab namespace (daemons started by tests, ...)."""
 
@@ -312,6 +321,7 @@ Action = (
     | StartMachine
     | WaitMachine
     | StopMachine
+    | KillMachine
     | KillNamespaceProcesses
     | DeleteNetns
     | DeleteLink
@@ -407,6 +417,58 @@ def plan_up(lab: Lab, host: HostView, state: LabState | None) -> tuple[Action, .
     new_state = LabState(lab.name, lab.kind, lab.subnet, tuple(n.name for n in lab.nodes), machines)
     if actions or state != new_state:
         actions.append(WriteState(new_state))
+    return tuple(actions)
+
+
+def _machine_node(state: LabState | None, node: str, command: str) -> Lab:
+    if state is None:
+        raise LabError(f"no such lab: `cerana lab up` first, then `cerana lab {command} NODE`")
+    if state.kind != "nspawn":
+        raise LabError(f"lab {state.name!r} has {state.kind} nodes: only nspawn machines can be stopped and started")
+    if node not in state.nodes:
+        raise LabError(f"lab {state.name!r} has no node {node!r} (nodes: {', '.join(state.nodes)})")
+    return make_lab(state.name, state.kind, len(state.nodes), state.subnet)
+
+
+def plan_stop(state: LabState | None, node: str, host: HostView, *, kill: bool = False) -> tuple[Action, ...]:
+    """Stop one node's machine: a clean shutdown (SIGTERM to nspawn), or with ``kill`` a crash.
+
+    The node's namespace and link stay; the machine stays recorded (not alive), so ``status``
+    shows it stopped and ``start`` (or ``up``) boots it again, from a fresh overlay.
+    """
+    _machine_node(state, node, "stop")
+    assert state is not None
+    netns = netns_name(state.name, node)
+    recorded = state.machines.get(node)
+    pids = _nspawn_pids(netns, host, state)
+    if not pids:
+        return ()
+    if kill and recorded is not None and recorded.alive:
+        return (KillMachine(netns, recorded.leader, pids),)
+    return (StopMachine(netns, pids),)
+
+
+def plan_start(state: LabState | None, node: str, host: HostView) -> tuple[Action, ...]:
+    """Boot one node's stopped machine again (nothing to do if it runs)."""
+    lab = _machine_node(state, node, "start")
+    assert state is not None
+    recorded = state.machines.get(node)
+    if recorded is not None and recorded.alive:
+        return ()
+    member = lab.node(node)
+    if member.netns not in host.netns or member.veth not in host.links:
+        raise LabError(f"node {node} of lab {lab.name!r} lost its namespace or link: run `cerana lab up` to repair it")
+    actions: list[Action] = []
+    leftover = _nspawn_pids(member, host, state)
+    if leftover:
+        actions.append(StopMachine(member.netns, leftover))
+    machines = {n: m for n, m in state.machines.items() if n != node}
+    actions += [
+        WriteNodeFiles(member, hosts_file(lab)),
+        StartMachine(member),
+        WaitMachine(member),
+        WriteState(replace(state, machines=machines)),
+    ]
     return tuple(actions)
 
 
@@ -511,6 +573,8 @@ def inventory(state: LabState, *, python: str, state_dir: str) -> dict[str, Any]
                 ansible_nspawn_machine=netns,
                 ansible_nspawn_state_dir=state_dir,
                 ansible_python_interpreter="/usr/bin/python3",
+                # modules go in on the command's stdin: one nsenter per task instead of three
+                ansible_pipelining=True,
             )
         hosts[node] = hostvars
     return {

@@ -357,6 +357,7 @@ def test_inventory_nspawn_and_ini():
         "ansible_nspawn_machine": "lab-node1",
         "ansible_nspawn_state_dir": "/run/cerana-lab/lab",
         "ansible_python_interpreter": "/usr/bin/python3",
+        "ansible_pipelining": True,
     }
     ini = inventory_ini(inv)
     assert "[lab]\nnode1 ansible_host=10.77.0.11 ansible_connection=cerana.platform.nspawn " in ini
