@@ -15,6 +15,7 @@ import signal
 import sys
 
 from cerana_bootserver import __version__
+from cerana_bootserver.boot import BootServices, BootSettings, consul_view
 from cerana_bootserver.config import ConfigError, Settings
 from cerana_bootserver.server import serve
 
@@ -43,6 +44,8 @@ def configure_logging(level, fmt):
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    if root.level > logging.DEBUG:
+        logging.getLogger("tftpy").setLevel(logging.CRITICAL)  # it logs every refused request as an error
 
 
 def parser():
@@ -87,8 +90,11 @@ def main(argv=None):
     try:
         asyncio.run(_run(settings))
     except OSError as e:
-        log.error("cannot serve on %s port %d: %s", settings.interface, settings.port, e)
+        log.error("cannot serve on %s: %s", settings.interface, e)
         return 1
+    except ValueError as e:  # a setting the boot media refuse (boot file name, kernel argument)
+        print("cerana-bootserver: %s" % e, file=sys.stderr)
+        return 2
     return 0
 
 
@@ -97,4 +103,12 @@ async def _run(settings):
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(settings, stop)
+    media = None
+    if settings.media == "on":
+        boot = BootSettings.from_settings(settings)
+        media = BootServices(boot, consul_view(boot, settings.consul)).start()
+    try:
+        await serve(settings, stop)
+    finally:
+        if media is not None:
+            media.stop()

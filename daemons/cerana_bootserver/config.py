@@ -57,9 +57,40 @@ class Settings:
     bios_boot_file: str = "undionly.kpxe"
     """Boot file for BIOS PXE ROMs (option 93 = 0, or no option 93). Empty: none."""
     efi_boot_file: str = "ipxe.efi"
-    """Boot file for EFI PXE ROMs (option 93 = 6, 7, 9, ...). Empty: none."""
+    """Boot file for x86-64 EFI PXE ROMs (option 93 = 7, 9; UEFI HTTP boot, 16, gets it over HTTP). Empty: none."""
     ipxe_script_url: str = "http://{server}/boot.ipxe"
-    """URL handed to iPXE (user class ``iPXE``); ``{server}`` is replaced by the server address. Empty: none."""
+    """URL handed to iPXE (user class ``iPXE``); ``{server}`` is replaced by the server address, ``{mac}`` by
+    the client's MAC (``52-54-00-..``); e.g. ``http://{server}/boot/{mac}.ipxe``. Empty: none."""
+    media: str = "on"
+    """``on``: also serve boot media (TFTP + HTTP, boot.py); ``off``: DHCP only."""
+    ipxe_dir: str = "/usr/lib/ipxe"
+    """Where undionly.kpxe and ipxe.efi come from (Debian package ipxe); copied into tftp_root at start."""
+    tftp_root: str = "/var/lib/cerana/bootserver/tftp"
+    """Directory served read-only over TFTP."""
+    tftp_address: str = "0.0.0.0"
+    """Address the TFTP socket binds."""
+    tftp_port: int = 69
+    """UDP port of the TFTP server (69)."""
+    tftp_timeout: float = 2.0
+    """Seconds before a TFTP block is resent."""
+    http_address: str = "0.0.0.0"
+    """Address the boot HTTP server binds."""
+    http_port: int = 80
+    """TCP port of the boot HTTP server (scripts, kernels, initrds)."""
+    images_dir: str = "/data/platform"
+    """Platform images: ``<images_dir>/<name>/{kernel,initrd}``."""
+    default_image: str = "current"
+    """Image booted by unknown MACs and by nodes without a ``cerana.boot_image`` label."""
+    cluster_ips: str = ""
+    """Comma-separated Consul servers for ``cerana.cluster_ips``; empty: Consul's Raft peers, else this server."""
+    kernel_console: str = "ttyS0"
+    """``console=`` kernel argument; empty: none."""
+    zfs_config: str = "auto"
+    """``cerana.zfs_config=`` kernel argument; empty: none."""
+    kernel_args: str = ""
+    """Extra kernel arguments, space-separated."""
+    boot_refresh: float = 5.0
+    """Seconds the cluster view behind the iPXE scripts is cached."""
     log_level: str = "INFO"
     """Python logging level name."""
     log_format: str = "text"
@@ -124,10 +155,11 @@ class Settings:
         s = cls(**out)
         if not s.interface:
             raise ConfigError("interface: required (flag --interface or %sINTERFACE)" % ENV_PREFIX)
-        for name in ("port", "client_port"):
+        for name in ("port", "client_port", "tftp_port", "http_port"):
             if not 0 <= getattr(s, name) <= 65535:
                 raise ConfigError("%s: must be 0-65535" % name)
-        for name in ("server_address", "next_server", "bind_address", "broadcast_address"):
+        for name in ("server_address", "next_server", "bind_address", "broadcast_address", "tftp_address",
+                     "http_address"):  # fmt: skip
             value = getattr(s, name)
             if value:
                 try:
@@ -139,6 +171,8 @@ class Settings:
                 raise ConfigError("%s: must be at least 1" % name)
         if s.log_format not in ("text", "json"):
             raise ConfigError("log_format: must be text or json")
+        if s.media not in ("on", "off"):
+            raise ConfigError("media: must be on or off")
         return s
 
     def with_server_address(self):

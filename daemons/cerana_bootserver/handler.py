@@ -23,11 +23,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-from cerana_bootserver import dhcp
+from cerana_bootserver import dhcp, pxe
 
 BROADCAST = ipaddress.IPv4Address("255.255.255.255")
-# RFC 4578 2.1 / IANA "Processor Architecture Types": values that boot EFI images.
-EFI_ARCHES = frozenset({6, 7, 9, 10, 11, 16})
 
 
 # -- intents ------------------------------------------------------------------------
@@ -118,6 +116,8 @@ class Boot:
     bios_file: str | None = "undionly.kpxe"
     efi_file: str | None = "ipxe.efi"
     ipxe_url: str | None = None
+    http_base: str | None = None
+    """``http://<server>[:port]`` of the boot HTTP server (UEFI HTTP boot; the per-MAC script URL)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,25 +216,20 @@ def decide(packet, server_id, net):
 def boot_options(packet, boot, server_id):
     """(siaddr, file, options) of the PXE hand-off for this client, or None for a plain client.
 
-    iPXE (user class ``iPXE``) gets the HTTP script URL. A PXE ROM (vendor class
-    ``PXEClient...`` or option 93) gets the TFTP boot file for its architecture: the
-    original gave plain PXE ROMs no boot file at all.
+    The decision is :func:`pxe.decide`: iPXE (user class ``iPXE``) gets the HTTP script URL
+    (``{mac}`` in it becomes the client's MAC); a PXE ROM gets the TFTP boot file for its
+    architecture (option 93; a ``PXEClient`` vendor class alone means BIOS): the original
+    gave plain PXE ROMs no boot file at all.
     """
-    classes, _ = _safe(lambda: packet.user_classes)
-    if classes and any(c.rstrip(b"\0") == b"iPXE" for c in classes):
-        if not boot.ipxe_url:
-            return None
-        url = boot.ipxe_url
-        return dhcp.ZERO, url.encode()[:128], ((dhcp.BOOTFILE_NAME, url.encode()),)
-    vendor, _ = _safe(lambda: packet.vendor_class)
-    arches, _ = _safe(lambda: packet.client_arch)
-    if not ((vendor or "").startswith("PXEClient") or arches):
-        return None
-    name = boot.efi_file if arches and arches[0] in EFI_ARCHES else boot.bios_file
-    if not name:
-        return None
-    nxt = boot.next_server or server_id
-    return nxt, name.encode()[:128], ((dhcp.TFTP_SERVER_NAME, str(nxt).encode()), (dhcp.BOOTFILE_NAME, name.encode()))
+    policy = pxe.BootPolicy(
+        next_server=boot.next_server or server_id,
+        http_base=boot.http_base or pxe.http_base(str(server_id), 80),
+        bios_file=boot.bios_file,
+        efi_file=boot.efi_file,
+        ipxe_url=boot.ipxe_url or "",
+    )
+    offer = pxe.decide(pxe.ClientInfo.from_packet(packet), policy)
+    return None if offer is None else (offer.siaddr, offer.file_field, offer.options)
 
 
 def _order(options, requested):
@@ -291,9 +286,9 @@ def respond(packet, intent, outcome, ctx):
         *_network_options(ctx),
     ]
     siaddr, file = dhcp.ZERO, b""
-    pxe = boot_options(packet, ctx.boot, ctx.server_id)
-    if pxe is not None:
-        siaddr, file, extra = pxe
+    handoff = boot_options(packet, ctx.boot, ctx.server_id)
+    if handoff is not None:
+        siaddr, file, extra = handoff
         opts += extra
     return dhcp.Packet(
         **base,

@@ -176,8 +176,11 @@ def render(p: BootPlan, *, retry_seconds: int = 30) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chain_script(script_path: str = "/boot/${netX/mac}.ipxe") -> str:
-    """``/boot.ipxe``: for iPXE clients told a fixed URL, chain to the per-MAC script (iPXE expands ``${netX/mac}``)."""
+def chain_script(script_path: str = "/boot/${netX/mac:hexhyp}.ipxe") -> str:
+    """``/boot.ipxe``: for iPXE clients told a fixed URL, chain to the per-MAC script.
+
+    iPXE expands ``${netX/mac:hexhyp}`` to the booting NIC's MAC with hyphens (a colon would
+    make iPXE read ``/boot/52`` as a URI scheme)."""
     return "#!ipxe\nchain %s\n" % script_path
 
 

@@ -100,10 +100,13 @@ class BootPolicy:
     """``http://<address>[:<port>]`` of the boot HTTP server, no trailing slash."""
     bios_file: str | None = "undionly.kpxe"
     efi_file: str | None = "ipxe.efi"
+    ipxe_url: str | None = None
+    """URL for iPXE clients; ``{mac}`` becomes the MAC (``52-54-00-..``). None: :meth:`script_url`;
+    empty: iPXE clients get no boot file."""
 
     @classmethod
     def from_values(cls, *, server_address, http_port=80, http_address="", next_server="",
-                    bios_file="undionly.kpxe", efi_file="ipxe.efi"):  # fmt: skip
+                    bios_file="undionly.kpxe", efi_file="ipxe.efi", ipxe_url=None):  # fmt: skip
         """From settings values; empty strings mean "this server" / "none"."""
         nxt = ipaddress.IPv4Address(next_server or server_address)
         host = http_address or server_address
@@ -115,11 +118,19 @@ class BootPolicy:
             http_base=http_base(host, http_port),
             bios_file=bios_file or None,
             efi_file=efi_file or None,
+            ipxe_url=None if ipxe_url is None else ipxe_url.replace("{server}", server_address),
         )
 
     def script_url(self, mac: str) -> str:
-        """The per-node iPXE script URL (``http://<server>:<port>/boot/<mac>.ipxe``)."""
-        return self.http_base + SCRIPT_PATH.format(mac=urllib.parse.quote(mac.lower(), safe=":"))
+        """The per-node iPXE script URL (``http://<server>:<port>/boot/<mac-with-hyphens>.ipxe``)."""
+        return self.http_base + SCRIPT_PATH.format(mac=url_mac(mac))
+
+
+def url_mac(mac: str) -> str:
+    """The MAC as it appears in URLs: ``52-54-00-12-34-56``. Not colons: iPXE's URI parser
+    (1.0.0+git-2019, Debian 12) takes everything before the first ':' as the scheme, so a
+    relative ``/boot/52:54:...`` fails with "Operation not supported"."""
+    return urllib.parse.quote(mac.lower().replace(":", "-"), safe="-")
 
 
 def http_base(host: str, port: int) -> str:
@@ -151,7 +162,13 @@ def decide(client: ClientInfo, policy: BootPolicy) -> BootOffer | None:
     """
     zero = ipaddress.IPv4Address(0)
     if client.is_ipxe:
-        url = policy.script_url(client.mac)
+        if policy.ipxe_url == "":
+            return None
+        url = (
+            policy.script_url(client.mac)
+            if policy.ipxe_url is None
+            else policy.ipxe_url.replace("{mac}", url_mac(client.mac))
+        )
         return BootOffer("ipxe", zero, url, ((dhcp.BOOTFILE_NAME, url.encode()),))
     kind = which = None
     for arch in client.arches:
@@ -171,6 +188,4 @@ def decide(client: ClientInfo, policy: BootPolicy) -> BootOffer | None:
             "http", zero, url, ((dhcp.VENDOR_CLASS, HTTP_VENDOR_CLASS), (dhcp.BOOTFILE_NAME, url.encode()))
         )
     nxt = policy.next_server
-    return BootOffer(
-        kind, nxt, name, ((dhcp.TFTP_SERVER_NAME, str(nxt).encode()), (dhcp.BOOTFILE_NAME, name.encode()))
-    )
+    return BootOffer(kind, nxt, name, ((dhcp.TFTP_SERVER_NAME, str(nxt).encode()), (dhcp.BOOTFILE_NAME, name.encode())))

@@ -9,7 +9,7 @@ import logging
 import socket
 
 from ansible_collections.cerana.platform.plugins.module_utils._store import Store
-from cerana_bootserver import dhcp
+from cerana_bootserver import dhcp, pxe
 from cerana_bootserver import handler as h
 from cerana_bootserver.leasing import LeaseService
 
@@ -49,6 +49,7 @@ class Handler:
             bios_file=settings.bios_boot_file or None,
             efi_file=settings.efi_boot_file or None,
             ipxe_url=url,
+            http_base=pxe.http_base(settings.server_address, settings.http_port),
         )
 
     def __call__(self, data):

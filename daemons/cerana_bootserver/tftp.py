@@ -98,8 +98,9 @@ class TftpService:
                     self._bound.set()
                     return
                 log.exception("TFTP server socket failed; restarting it")
-            except Exception:
-                log.exception("TFTP server loop failed on a malformed packet; restarting it")
+            except Exception as e:  # tftpy's parser on garbage: UnicodeDecodeError, ValueError, struct.error
+                log.warning("TFTP server loop failed on a malformed packet (%s: %s); restarting it",
+                            type(e).__name__, e)  # fmt: skip
             self.restarts += 1
             self._discard()
             time.sleep(0.05)

@@ -2,8 +2,8 @@
 
 Routes (GET and HEAD; anything else is 405):
 
-    /boot/<mac>.ipxe            the script for that MAC (ipxe.plan + ipxe.render)
-    /boot.ipxe                  chains to /boot/${netX/mac}.ipxe (for a fixed DHCP URL)
+    /boot/<mac>.ipxe            the script for that MAC (52-54-00-.., colons and bare hex also accepted)
+    /boot.ipxe                  chains to /boot/${netX/mac:hexhyp}.ipxe (for a fixed DHCP URL)
     /images/<name>/kernel|initrd   files of a platform image (Range: one range -> 206)
     /kernel, /initrd            the default image's files (the original's URLs)
     /undionly.kpxe, /ipxe.efi   the iPXE binaries of the TFTP root (UEFI HTTP boot)
@@ -102,9 +102,9 @@ def route(raw_path: str, default_image: str, binaries=img.IPXE_FILES) -> Route:
     if path in ("/kernel", "/initrd"):
         return Route("image", image=default_image, file=path[1:])
     parts = path.split("/")
-    if len(parts) == 4 and parts[0] == "" and parts[1] == "images" and parts[3] in img.IMAGE_FILES:
-        if img.valid_image_name(parts[2]):
-            return Route("image", image=parts[2], file=parts[3])
+    is_image = len(parts) == 4 and parts[:2] == ["", "images"] and parts[3] in img.IMAGE_FILES
+    if is_image and img.valid_image_name(parts[2]):
+        return Route("image", image=parts[2], file=parts[3])
     if len(parts) == 2 and parts[1] in binaries:
         return Route("binary", file=parts[1])
     return Route("notfound")
@@ -129,7 +129,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     ctx: WebContext  # set on the subclass the server creates
 
-    def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+    def log_message(self, format, *args):
         log.info("%s %s", self.client_address[0], format % args)
 
     def do_GET(self):

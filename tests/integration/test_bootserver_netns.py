@@ -154,7 +154,8 @@ def servers(lab):
         "excluded": [{"start": "10.99.0.1", "end": "10.99.0.9"}],
     }))  # fmt: skip
     env = dict(os.environ, CONSUL_HTTP_ADDR=agent.bridge_addr, CERANA_KV_PREFIX=PREFIX,
-               CERANA_BOOTSERVER_INTERFACE="eth0", CERANA_BOOTSERVER_LOG_LEVEL="DEBUG")  # fmt: skip
+               CERANA_BOOTSERVER_INTERFACE="eth0", CERANA_BOOTSERVER_LOG_LEVEL="DEBUG",
+               CERANA_BOOTSERVER_MEDIA="off")  # fmt: skip
     procs = {}
     for ns in SERVERS:
         log = open(work / (ns + ".log"), "w")  # noqa: SIM115 - closed with the process

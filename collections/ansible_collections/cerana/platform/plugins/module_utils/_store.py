@@ -303,6 +303,15 @@ class Store:
             raise Unreachable(self.address, "the Consul cluster has no leader")
         return leader
 
+    def peers(self):
+        """The Raft peers of the Consul servers, as ``ip:port`` strings (``/v1/status/peers``)."""
+        resp = self._call("get", "/v1/status/peers")
+        try:
+            peers = json.loads(resp.body or "[]")
+        except ValueError:
+            raise StoreError("Consul answered /v1/status/peers with something that is not JSON") from None
+        return [str(p) for p in peers] if isinstance(peers, list) else []
+
     def get(self, key, *, consistent=False):
         """The entry at ``key``, or None."""
         params = [("consistent", "")] if consistent else []
