@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import signal
 import sys
 import threading
 from collections.abc import Sequence
-from types import FrameType
 
 from ansible_collections.cerana.platform.plugins.module_utils import _store
+from cerana_daemon.logs import configure_logging
+from cerana_daemon.signals import stop_on_signals
 from cerana_nodetick import __version__, collect, loop
 from cerana_nodetick.config import CONSUL_HELP, ConfigError, Settings
 
@@ -53,32 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data)
-
-
-def configure_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # requests/urllib3 would log every retry of every connection during an outage
-    logging.getLogger("urllib3").setLevel(logging.ERROR)
-
-
 def main(argv: Sequence[str] | None = None, *, stop: threading.Event | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config")
@@ -99,14 +72,7 @@ def main(argv: Sequence[str] | None = None, *, stop: threading.Event | None = No
     log.debug("settings: %s", settings.redacted())
 
     stop = stop or threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(stop)
     loop.run(settings, node_id, store=store, stop=stop)
     return 0
 

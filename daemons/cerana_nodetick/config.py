@@ -27,18 +27,30 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ansible_collections.cerana.platform.plugins.module_utils import _store
+from cerana_daemon.config import (
+    ConfigError,
+    parse_abs_path,
+    parse_bool,
+    parse_duration,
+    parse_int,
+    parse_labels,
+    parse_log_format,
+    parse_log_level,
+    parse_names,
+    parse_optional_path,
+    parse_str,
+)
+
+__all__ = ["CONSUL_HELP", "ConfigError", "Settings", "parse_duration"]
 
 ENV_PREFIX = "CERANA_NODE_TICK_"
 DEFAULT_CONFIG_FILE = Path("/etc/cerana/node-tick.toml")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-LOG_FORMATS = ("text", "json")
 
 # Consul setting -> the environment variables ConnectionSettings.from_env reads for it.
 _CONSUL_ENV = {
@@ -52,130 +64,14 @@ _CONSUL_ENV = {
 }
 
 
-class ConfigError(Exception):
-    """A setting is invalid; the message names the setting and its source."""
-
-    def __init__(self, key: str, source: str, reason: str) -> None:
-        self.key = key
-        self.source = source
-        self.reason = reason
-        super().__init__(f"invalid setting {key} ({source}): {reason}")
-
-
-# -- value parsers: accept TOML-native values and strings (environment, flags) --------------
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds > 0 from a number or a string such as ``5``, ``5s``, ``500ms``, ``1m``."""
-    if isinstance(value, bool):
-        raise ValueError(f"must be a duration such as 5, 5s or 500ms, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError(f"must be a duration such as 5, 5s or 500ms, got {value!r}")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"must be more than 0 seconds, got {value!r}")
-    return seconds
-
-
-def parse_abs_path(value: Any) -> Path:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"must be an absolute path, got {value!r}")
-    if not value.startswith("/"):
-        raise ValueError(f"must be an absolute path, got {value!r}")
-    return Path(value)
-
-
-def parse_labels(value: Any) -> dict[str, str]:
-    """A mapping from a TOML table or ``key=value,key=value``."""
-    if isinstance(value, str):
-        pairs: list[tuple[str, Any]] = []
-        for item in filter(None, (p.strip() for p in value.split(","))):
-            if "=" not in item:
-                raise ValueError(f"must be key=value pairs separated by commas, got {item!r}")
-            k, v = item.split("=", 1)
-            pairs.append((k.strip(), v.strip()))
-    elif isinstance(value, Mapping):
-        pairs = list(value.items())
-    else:
-        raise ValueError(f"must be a table of strings or key=value,..., got {value!r}")
-    out: dict[str, str] = {}
-    for k, v in pairs:
-        if not isinstance(k, str) or not _LABEL_KEY.match(k):
-            raise ValueError(f"label key {k!r}: 1-63 characters of letters, digits, '_', '.', '-'")
-        if not isinstance(v, str):
-            raise ValueError(f"label {k}: the value must be a string, got {v!r}")
-        out[k] = v
-    return dict(sorted(out.items()))
-
-
-def parse_names(value: Any) -> tuple[str, ...]:
-    """A list of names from a TOML array or a comma-separated string."""
-    if isinstance(value, str):
-        items = [p.strip() for p in value.split(",")]
-    elif isinstance(value, list | tuple):
-        items = list(value)
-    else:
-        raise ValueError(f"must be a list of names, got {value!r}")
-    if not all(isinstance(i, str) for i in items):
-        raise ValueError(f"must be a list of names, got {value!r}")
-    return tuple(i for i in items if i)
-
-
-def _choice(choices: tuple[str, ...], upper: bool = False) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        v = str(value).strip()
-        v = v.upper() if upper else v.lower()
-        if v not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
-        return v
-
-    return parse
-
-
-def parse_positive_int(value: Any) -> int:
-    try:
-        number = int(value) if not isinstance(value, bool) else None
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < 1:
-        raise ValueError(f"must be a whole number >= 1, got {value!r}")
-    return number
-
-
-def parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    try:
-        return _store.parse_bool(value, "value")
-    except _store.Invalid:
-        raise ValueError(f"must be true or false, got {value!r}") from None
-
-
-def parse_str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"must be a string, got {value!r}")
-    return value
-
-
-def parse_optional_path(value: Any) -> str | None:
-    if value in (None, ""):
-        return None
-    return str(parse_abs_path(value))
-
-
 # -- the settings ---------------------------------------------------------------------------
 
 
 def _meta(parse: Callable[[Any], Any], help: str) -> dict[str, Any]:
     return {"parse": parse, "help": help}
+
+
+parse_positive_int = parse_int(1, 1 << 20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,10 +122,10 @@ class Settings:
         default=4, metadata=_meta(parse_positive_int, "health checks run at the same time, at most")
     )
     log_level: str = dataclasses.field(
-        default="INFO", metadata=_meta(_choice(LOG_LEVELS, upper=True), "DEBUG, INFO, WARNING or ERROR")
+        default="INFO", metadata=_meta(parse_log_level, "DEBUG, INFO, WARNING or ERROR")
     )
     log_format: str = dataclasses.field(
-        default="text", metadata=_meta(_choice(LOG_FORMATS), "text or json (one object a line) on stderr")
+        default="text", metadata=_meta(parse_log_format, "text or json (one object a line) on stderr")
     )
     consul: _store.ConnectionSettings = dataclasses.field(
         default_factory=lambda: _store.ConnectionSettings(timeout=5.0),

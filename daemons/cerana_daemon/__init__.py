@@ -1,0 +1,1 @@
+"""What every cerana daemon shares: setting parsers and errors, logging to stderr, stop signals."""
