@@ -12,7 +12,9 @@ driven directly). Node A holds the dataset (8 files of size/8); node B receives 
 Every run writes into an empty directory on the same file system, after ``sync`` and
 dropping the page cache of the target, so that the three move the same bytes the same
 way. Prints throughput (MB/s, 10^6 bytes) and the ratios; ``--record`` appends them to
-docs/benchmarks.md.
+docs/benchmarks.md. ``--repeat N`` runs the three N times, interleaved (raw, rsync, cerana,
+raw, ...), and reports the medians: on a shared machine the load moves between runs, and
+interleaving spreads that over the three instead of giving it to one of them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -196,6 +199,7 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--fsync", action="store_true", help="let the data server fdatasync before the rename")
     parser.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
+    parser.add_argument("--repeat", type=int, default=1, help="run the three N times, interleaved; report medians")
     parser.add_argument("--workdir", default="/var/tmp")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -216,23 +220,28 @@ def main() -> int:
                 for _ in range(per // (1 << 20)):
                     f.write(os.urandom(1 << 20))
         total = per * args.files
-        figures = {
-            "raw": bench_raw(work, src, total),
-            "rsync": bench_rsync(work, src, total),
-            "cerana": bench_cerana(work, src, total, args.fsync),
-        }
+        runs: dict[str, list[float]] = {"raw": [], "rsync": [], "cerana": []}
+        for i in range(args.repeat):
+            run = work / f"run{i}"
+            run.mkdir()
+            runs["raw"].append(bench_raw(run, src, total))
+            runs["rsync"].append(bench_rsync(run, src, total))
+            runs["cerana"].append(bench_cerana(run, src, total, args.fsync))
+            shutil.rmtree(run)
+        figures = {name: statistics.median(values) for name, values in runs.items()}
     finally:
         teardown_net()
         shutil.rmtree(work, ignore_errors=True)
     info = machine()
     lines = [
         f"| {info['date']} | {info['nproc']} | {info['free']} | {info['cpu']} | {info['load']} | {args.size_mib} MiB "
-        f"in {args.files} files{' (fsync)' if args.fsync else ''} | {figures['cerana'] / 1e6:.0f} | "
+        f"in {args.files} files{' (fsync)' if args.fsync else ''}"
+        f"{', median of %d' % args.repeat if args.repeat > 1 else ''} | {figures['cerana'] / 1e6:.0f} | "
         f"{figures['rsync'] / 1e6:.0f} | {figures['raw'] / 1e6:.0f} | "
         f"{figures['cerana'] / figures['rsync']:.2f} | {figures['cerana'] / figures['raw']:.2f} |"
     ]
     for name, value in figures.items():
-        print(f"{name:7s} {value / 1e6:8.1f} MB/s")
+        print(f"{name:7s} {value / 1e6:8.1f} MB/s  ({', '.join(f'{v / 1e6:.0f}' for v in runs[name])})")
     print(
         f"cerana/rsync {figures['cerana'] / figures['rsync']:.2f}  cerana/raw {figures['cerana'] / figures['raw']:.2f}"
     )

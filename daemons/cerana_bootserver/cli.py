@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import signal
 import sys
@@ -18,34 +17,14 @@ from cerana_bootserver import __version__
 from cerana_bootserver.boot import BootServices, BootSettings, consul_view
 from cerana_bootserver.config import ConfigError, Settings
 from cerana_bootserver.server import serve
+from cerana_daemon import logs as daemon_logs
 
 log = logging.getLogger("cerana_bootserver")
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record):
-        data = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data)
-
-
 def configure_logging(level, fmt):
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    if root.level > logging.DEBUG:
-        logging.getLogger("tftpy").setLevel(logging.CRITICAL)  # it logs every refused request as an error
+    # tftpy logs every refused request as an error
+    daemon_logs.configure_logging(level, fmt, quiet=() if level.upper() == "DEBUG" else ("tftpy",))
 
 
 def parser():

@@ -27,7 +27,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str = "text", *, quiet: Iterable[str] = ()) -> None:
-    """Send every log record at ``level`` and above to stderr; ``quiet`` loggers only on ERROR."""
+    """Send every log record at ``level`` and above to stderr; ``quiet`` loggers are silenced."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -36,5 +36,7 @@ def configure_logging(level: str, fmt: str = "text", *, quiet: Iterable[str] = (
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in (*NOISY, *quiet):
+    for name in NOISY:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.CRITICAL)

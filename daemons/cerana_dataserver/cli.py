@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import signal
 import sys
 import threading
 from collections.abc import Sequence
-from types import FrameType
 
+from cerana_daemon.logs import configure_logging
+from cerana_daemon.signals import stop_on_signals
 from cerana_dataserver import __version__
 from cerana_dataserver.config import ConfigError, Settings
 from cerana_dataserver.server import make_server
@@ -52,24 +52,14 @@ def main(argv: Sequence[str] | None = None, *, stop: threading.Event | None = No
     except ConfigError as e:
         print(f"cerana-dataserver: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().handlers[:] = [handler]
-    logging.getLogger().setLevel(settings.log_level)
+    configure_logging(settings.log_level)
     try:
         server = make_server(settings)
     except OSError as e:
         print(f"cerana-dataserver: cannot serve on {settings.address}:{settings.port}: {e}", file=sys.stderr)
         return 1
     stop = stop or threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("%s received: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+    stop_on_signals(stop)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
     thread.start()
     log.info("serving %s on %s:%d", settings.data_dir, settings.address, settings.port)

@@ -10,15 +10,15 @@ against the expected one, before anything becomes visible.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from ansible_collections.cerana.platform.plugins.module_utils import _datasets as ds
@@ -42,6 +42,7 @@ class Segment:
     pos: int = 0
     digests: list[bytes] = field(default_factory=list)
     source: int = 0
+    part: int = 0  # index of the segment in its file
 
     def __post_init__(self) -> None:
         self.pos = self.start
@@ -70,7 +71,7 @@ def segments_of(entry: ds.Entry, parallel: int) -> list[Segment]:
     start = 0
     while start < entry.size:
         end = min(entry.size, start + per)
-        out.append(Segment(entry, start, end))
+        out.append(Segment(entry, start, end, part=len(out)))
         start = end
     return out
 
@@ -141,16 +142,24 @@ class Puller:
                 segs.extend(segments_of(e, self.parallel))
         for i, s in enumerate(segs):
             s.source = i % len(self.sources)
-        # Biggest first, so that the tail of the copy is not one big segment alone.
-        order = sorted(segs, key=lambda s: -(s.end - s.start))
+        # The first piece of every file, then the second ones, ...: concurrent workers write
+        # different files (writers of one file queue on its inode lock), biggest first so
+        # that the tail of the copy is not one big segment alone.
+        order = sorted(segs, key=lambda s: (s.part, -(s.end - s.start)))
+        left = Counter(s.entry.path for s in segs)
+        left_lock = threading.Lock()
         errors: list[BaseException] = []
-        done = threading.Event()
 
         def work(seg: Segment) -> None:
             if errors or self.cancel.is_set():
                 return
             try:
                 self._fetch(seg)
+                with left_lock:
+                    left[seg.entry.path] -= 1
+                    complete = not left[seg.entry.path]
+                if complete and self.fsync:  # once per file, when all its pieces are written
+                    self._sync(seg.entry.path)
             except BaseException as exc:
                 errors.append(exc)
                 self.cancel.set()
@@ -158,8 +167,7 @@ class Puller:
         try:
             with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="pull") as pool:
                 futures = [pool.submit(work, s) for s in order]
-                while not all(f.done() for f in futures):
-                    done.wait(0.5)
+                while wait(futures, timeout=0.5).not_done:
                     if on_progress:
                         on_progress(self.stats)
         finally:
@@ -274,8 +282,12 @@ class Puller:
                         delay = min(2.0, delay * 2)
             if filled:
                 seg.digests.append(chunk.digest())
-            if self.fsync and seg.end == seg.entry.size:
-                with contextlib.suppress(OSError):
-                    os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def _sync(self, path: str) -> None:
+        fd = os.open(os.path.join(self.dest, path), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fdatasync(fd)
         finally:
             os.close(fd)

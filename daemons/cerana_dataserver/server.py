@@ -39,6 +39,7 @@ from ansible_collections.cerana.platform.plugins.module_utils import _datasets a
 from ansible_collections.cerana.platform.plugins.module_utils import _instances
 from ansible_collections.cerana.platform.plugins.module_utils import _models as m
 from ansible_collections.cerana.platform.plugins.module_utils._dataclient import DataClient, DataServerError
+from ansible_collections.cerana.platform.plugins.module_utils._files import fsync_dir
 from cerana_dataserver.config import Settings
 from cerana_dataserver.replicate import Puller
 
@@ -342,11 +343,7 @@ def _sync_tree(root: str, man: ds.Manifest, data: bool = True) -> None:
                     os.fdatasync(fd)
                 finally:
                     os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):

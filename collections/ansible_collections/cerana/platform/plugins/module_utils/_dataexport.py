@@ -11,7 +11,6 @@ No Ansible import here.
 from __future__ import annotations
 
 import os
-import tempfile
 
 from ansible_collections.cerana.platform.plugins.module_utils import _datasets as ds
 from ansible_collections.cerana.platform.plugins.module_utils import _models as m
@@ -23,6 +22,7 @@ from ansible_collections.cerana.platform.plugins.module_utils._dataclient import
     find_node,
     node_url,
 )
+from ansible_collections.cerana.platform.plugins.module_utils._files import atomic_write
 from ansible_collections.cerana.platform.plugins.module_utils._objects import Objects
 from ansible_collections.cerana.platform.plugins.module_utils._store import StoreError
 
@@ -110,22 +110,9 @@ def export_dataset(
     if check_mode:
         client.close()
         return {"changed": True, "digest": want, "node": node_id, "transfer": None}
-    directory = os.path.dirname(os.path.abspath(dest))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".%s." % os.path.basename(dest), suffix=".part")
     progress = Progress(total=info.get("size"))
-    try:
-        with os.fdopen(fd, "wb") as out:
-            man = stream_export(client, dataset_id, out, compression=compression, progress=progress.update)
-            out.flush()
-            os.fsync(out.fileno())
+    with atomic_write(dest, "wb", fsync=True) as out:
+        man = stream_export(client, dataset_id, out, compression=compression, progress=progress.update)
         if man.digest != want:
             raise ExportError("the exported content has digest %s, the node's copy %s" % (man.digest, want))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return {"changed": True, "digest": man.digest, "node": node_id, "transfer": progress.result()}

@@ -49,6 +49,8 @@ import time
 import uuid
 import zlib
 
+from ansible_collections.cerana.platform.plugins.module_utils._files import atomic_write, fsync_dir
+
 try:
     import zstandard
 
@@ -854,10 +856,8 @@ class NodeStore:
             make_read_only(staging, manifest)
         else:
             os.chmod(staging, 0o755)
-        tmp = os.path.join(self.manifests, ".tmp-%s-%s.json" % (dataset_id, uuid.uuid4().hex[:8]))
-        with open(tmp, "w") as f:
+        with atomic_write(self.manifest_path(dataset_id), fsync=True) as f:
             json.dump(manifest.to_dict(id=dataset_id, read_only=read_only, committed=time.time()), f)
-        os.replace(tmp, self.manifest_path(dataset_id))
         try:
             os.rename(staging, self.path(dataset_id))
         except OSError as e:
@@ -865,6 +865,9 @@ class NodeStore:
             if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
                 raise Conflict("dataset %s appeared on this node meanwhile" % dataset_id) from None
             raise
+        # The rename is durable only once the directories holding the new names are.
+        for directory in (self.manifests, os.path.dirname(self.path(dataset_id))):
+            fsync_dir(directory)
 
     def remove(self, dataset_id):
         """Remove a dataset: first out of sight (rename into staging), then delete."""

@@ -26,9 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 
 from ansible_collections.cerana.platform.plugins.module_utils import _models as m
+from ansible_collections.cerana.platform.plugins.module_utils._files import atomic_write
 
 BUNDLES_DIR = "bundles"
 SUFFIX = ".json"
@@ -79,19 +79,8 @@ def instance_path(run_dir, bundle, service):
 def write_instance(run_dir, instance):
     """Record ``instance`` atomically (creating the directories)."""
     path = instance_path(run_dir, instance.bundle, instance.service)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=SUFFIX)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(m.canonical_json(instance.record()))
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        f.write(m.canonical_json(instance.record()))
     return path
 
 
