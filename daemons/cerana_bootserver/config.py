@@ -52,6 +52,8 @@ class Settings:
     """Seconds between reads of the DHCP configuration (``dhcp/config``)."""
     workers: int = 4
     """Threads that talk to Consul (one request in flight each)."""
+    backlog: int = 64
+    """Datagrams waiting for a worker beyond which new ones are dropped (overload; clients retransmit)."""
     next_server: str = ""
     """TFTP server for PXE ROMs (siaddr, option 66). Default: this server."""
     bios_boot_file: str = "undionly.kpxe"
@@ -166,7 +168,7 @@ class Settings:
                     ipaddress.IPv4Address(value)
                 except ValueError:
                     raise ConfigError("%s: must be an IPv4 address, got %r" % (name, value)) from None
-        for name in ("offer_hold", "decline_hold", "max_probes", "workers"):
+        for name in ("offer_hold", "decline_hold", "max_probes", "workers", "backlog"):
             if getattr(s, name) < 1:
                 raise ConfigError("%s: must be at least 1" % name)
         if s.log_format not in ("text", "json"):

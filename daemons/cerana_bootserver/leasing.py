@@ -9,6 +9,7 @@ when it is reachable again.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import ipaddress
 import logging
@@ -23,6 +24,9 @@ from cerana_bootserver import handler as h
 log = logging.getLogger(__name__)
 
 
+SEEN_MAX = 65536
+
+
 class LeaseService:
     """Thread-safe: the transport calls :meth:`execute` from a worker pool.
 
@@ -30,13 +34,13 @@ class LeaseService:
     """
 
     def __init__(self, store_factory, *, server_id, pool="dhcp", offer_hold=60, decline_hold=600, skew=5,
-                 max_probes=16, config_refresh=10.0, clock=time.time):  # fmt: skip
+                 max_probes=16, config_refresh=10.0, clock=time.time, optimistic=True):  # fmt: skip
         self.store_factory = store_factory
         self.server_id = ipaddress.IPv4Address(server_id)
         self.pool_name = pool
         self.lease_args = dict(
             pool=pool, server=str(self.server_id), offer_hold=offer_hold, decline_hold=decline_hold,
-            skew=skew, max_probes=max_probes, clock=clock,
+            skew=skew, max_probes=max_probes, clock=clock, optimistic=optimistic,
         )  # fmt: skip
         self.config_refresh = config_refresh
         self.clock = clock
@@ -44,7 +48,9 @@ class LeaseService:
         self._lock = threading.Lock()
         self._config = None  # (DHCPConfig, Pool, fetched at)
         self._cache = {}  # mac -> Lease this server bound (ACK/renewal)
+        self._offers = {}  # mac -> Lease this server last offered (its modify index spares the ACK a read)
         self._pending = {}  # mac -> Lease renewed while offline, to write back
+        self._seen = collections.OrderedDict()  # MACs recently heard from (at most SEEN_MAX, oldest first)
         self.online = None  # None (unknown), True, False
 
     # -- plumbing -----------------------------------------------------------------
@@ -135,6 +141,8 @@ class LeaseService:
         with self._lock:
             for mac in [k for k, v in self._cache.items() if v.expires <= now]:
                 del self._cache[mac]
+            for mac in [k for k, v in self._offers.items() if v.expires <= now]:
+                del self._offers[mac]
 
     # -- the one entry point ------------------------------------------------------------
 
@@ -158,15 +166,33 @@ class LeaseService:
     def _execute(self, intent, cfg, pool):
         ls = self.leases()
         if isinstance(intent, h.Offer):
+            # A MAC this server has not heard from lately is most likely new to the table too:
+            # claim its first address straight away (see LeaseStore.offer, ``optimistic``).
+            with self._lock:
+                new = intent.mac not in self._seen
+                self._seen[intent.mac] = True
+                self._seen.move_to_end(intent.mac)
+                if len(self._seen) > SEEN_MAX:
+                    self._seen.popitem(last=False)
             try:
-                lease = ls.offer(pool, intent.mac, requested=intent.requested, hostname=intent.hostname)
+                lease = ls.offer(pool, intent.mac, requested=intent.requested, hostname=intent.hostname,
+                                 optimistic=new and ls.optimistic)  # fmt: skip
             except L.LeaseError as e:
                 log.warning("no offer for %s: %s", intent.mac, e)
                 return h.Silent(str(e))
+            with self._lock:
+                self._offers[intent.mac] = lease
             return h.Granted(ipaddress.IPv4Address(lease.ip))
         if isinstance(intent, h.Ack):
+            # The lease as this server last wrote or saw it (the offer, or the binding being
+            # renewed): ack() compare-and-swaps against it without reading it first.
+            with self._lock:
+                known = self._offers.pop(intent.mac, None)
+                if known is None or known.ip != str(intent.ip):
+                    known = self._cache.get(intent.mac)
             try:
-                lease, _ = ls.ack(pool, intent.mac, intent.ip, duration=cfg.lease_duration, hostname=intent.hostname)
+                lease, _ = ls.ack(pool, intent.mac, intent.ip, duration=cfg.lease_duration, hostname=intent.hostname,
+                                  known=known)  # fmt: skip
             except L.LeaseError as e:
                 return h.Denied(str(e))
             with self._lock:
@@ -174,6 +200,12 @@ class LeaseService:
                 self._pending.pop(intent.mac, None)
             return h.Granted(intent.ip)
         if isinstance(intent, h.ReleaseOffer):
+            with self._lock:
+                mine = self._offers.pop(intent.mac, None)
+            if mine is not None and (mine.server != str(self.server_id) or mine.ip == str(intent.requested)):
+                # What this server offered was another server's offer, or the very address the
+                # client chose: there is nothing of ours to free (release() would find the same).
+                return h.Silent("client chose server %s" % intent.chosen)
             freed = ls.release(intent.mac, only_offer_of=str(self.server_id), keep_ip=intent.requested)
             if freed is not None:
                 log.info("%s chose server %s: freed our offer of %s", intent.mac, intent.chosen, freed.ip)

@@ -7,10 +7,11 @@ import concurrent.futures
 import ipaddress
 import logging
 import socket
+import time
 
-from ansible_collections.cerana.platform.plugins.module_utils._store import Store
 from cerana_bootserver import dhcp, pxe
 from cerana_bootserver import handler as h
+from cerana_bootserver.kvhttp import KeepAliveStore
 from cerana_bootserver.leasing import LeaseService
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,43 @@ class Handler:
         return dhcp.build(reply), dest
 
 
+def _is_discover(data):
+    """Whether a datagram looks like a DHCPDISCOVER (option 53 first after the magic cookie, as clients send it)."""
+    return len(data) > 242 and data[240] == dhcp.MESSAGE_TYPE and data[242] == dhcp.DISCOVER
+
+
 class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, handle, executor):
+    """Hands each datagram to the worker pool; at most ``backlog`` wait or run at once.
+
+    Beyond that, new datagrams are dropped, as a full socket buffer would: under overload an
+    unbounded queue makes every answer seconds late, after the client gave up on it, and the
+    server then spends all its time on requests nobody waits for. Clients retransmit.
+    DISCOVERs are shed first (from half the backlog on): finishing the exchanges already
+    offered is worth more than starting new ones.
+    """
+
+    def __init__(self, handle, executor, backlog=64):
         self.handle = handle
         self.executor = executor
+        self.backlog = backlog
         self.transport = None
         self.tasks = set()
+        self.dropped = 0
+        self._reported = 0.0
 
     def connection_made(self, transport):
         self.transport = transport
 
     def datagram_received(self, data, addr):
+        limit = (self.backlog + 1) // 2 if _is_discover(data) else self.backlog
+        if len(self.tasks) >= limit:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._reported >= 10:
+                self._reported = now
+                log.warning("overloaded: %d datagrams waiting, dropping new ones (%d so far)", len(self.tasks),
+                            self.dropped)  # fmt: skip
+            return
         task = asyncio.ensure_future(self._process(data))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -122,7 +149,7 @@ async def serve(settings, stop, *, service=None, ready=None, sock=None):
     """
     if service is None:
         service = LeaseService(
-            lambda: Store(settings.consul),
+            lambda: KeepAliveStore(settings.consul),
             server_id=settings.server_address, pool=settings.pool, offer_hold=settings.offer_hold,
             decline_hold=settings.decline_hold, skew=settings.clock_skew, max_probes=settings.max_probes,
             config_refresh=settings.config_refresh,
@@ -132,7 +159,7 @@ async def serve(settings, stop, *, service=None, ready=None, sock=None):
     if sock is None:
         sock = open_socket(settings.interface, settings.bind_address, settings.port)
     transport, protocol = await loop.create_datagram_endpoint(
-        lambda: _Protocol(Handler(settings, service), executor), sock=sock
+        lambda: _Protocol(Handler(settings, service), executor, settings.backlog), sock=sock
     )
     log.info(
         "DHCP server %s listening on %s:%d (interface %s), leases in Consul %s under %s/%s",

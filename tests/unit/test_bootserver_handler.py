@@ -289,3 +289,60 @@ def test_transport_on_loopback():
     finally:
         client.close()
     assert offer.message_type == dhcp.OFFER and offer.xid == 1 and offer.yiaddr in ipaddress.IPv4Network("10.99.0.0/24")
+
+
+# -- the server's shortcuts: binding against its own offer, choosing another server, overload --------
+
+
+def test_a_dora_costs_two_consul_requests_and_another_servers_choice_none():
+    store, mine, hd = make()
+    _, theirs, other = make(store=store, server=OTHER)
+    for service in (mine, theirs):
+        service.config_refresh = 3600  # count lease requests only
+        service.config()
+    store.calls = 0
+    offer, _ = send(hd, packet(dhcp.DISCOVER, 1))
+    also, _ = send(other, packet(dhcp.DISCOVER, 1))  # both servers hear it; they offer the same address
+    assert offer.yiaddr == also.yiaddr
+    assert store.calls == 3  # hd: claim txn; other: failed claim, lease read
+    store.calls = 0
+    ack, _ = send(hd, packet(dhcp.REQUEST, 1, requested=offer.yiaddr, server=SERVER))
+    assert send(other, packet(dhcp.REQUEST, 1, requested=offer.yiaddr, server=SERVER)) == (None, None)
+    assert ack.message_type == dhcp.ACK and ack.yiaddr == offer.yiaddr
+    assert store.calls == 1  # one CAS against the offer hd made; other frees nothing and asks nothing
+    # a renewal binds against the cached binding: one request again
+    store.calls = 0
+    renew, _ = send(hd, packet(dhcp.REQUEST, 1, ciaddr=offer.yiaddr))
+    assert renew.message_type == dhcp.ACK and store.calls == 1
+
+
+def test_a_server_whose_own_offer_was_not_chosen_frees_it():
+    store, _, hd = make()
+    send(hd, packet(dhcp.DISCOVER, 1))
+    assert L.LeaseStore(store).lease_of(mac(1)).state == L.OFFERED
+    assert send(hd, packet(dhcp.REQUEST, 1, requested="10.99.0.77", server=OTHER)) == (None, None)
+    assert L.LeaseStore(store).lease_of(mac(1)) is None
+
+
+def test_overload_sheds_discovers_first():
+    import asyncio
+
+    from cerana_bootserver.server import _is_discover, _Protocol
+
+    discover, request = dhcp.build(packet(dhcp.DISCOVER, 1)), dhcp.build(packet(dhcp.REQUEST, 1, ciaddr="10.99.0.5"))
+    assert _is_discover(discover) and not _is_discover(request) and not _is_discover(b"x" * 10)
+
+    async def main():
+        proto = _Protocol(lambda data: None, None, backlog=4)
+        proto.tasks = {object(), object()}  # half the backlog busy
+        proto.datagram_received(discover, None)
+        assert proto.dropped == 1
+        proto.tasks.add(object())
+        proto.datagram_received(request, None)  # REQUESTs are taken up to the full backlog
+        assert proto.dropped == 1 and len(proto.tasks) == 4
+        proto.datagram_received(request, None)
+        assert proto.dropped == 2
+        for task in [t for t in proto.tasks if isinstance(t, asyncio.Future)]:
+            task.cancel()
+
+    asyncio.run(main())

@@ -262,3 +262,69 @@ def test_cost_of_a_dora_on_an_empty_pool(env):
     offer = ls.offer(p, mac(1))
     ls.ack(p, mac(1), offer.ip, duration=600)
     assert store.calls == 4  # GET mac index, claim txn, GET lease, CAS txn
+
+
+# -- the DHCP server's shortcuts: optimistic first claim, ACK against a known offer ------------
+
+
+def test_cost_of_a_dora_for_a_dhcp_server(env):
+    store, clock, _ = env
+    ls = L.LeaseStore(store, server="10.99.0.2", offer_hold=30, clock=clock, optimistic=True)
+    p = pool()
+    store.calls = 0
+    offer = ls.offer(p, mac(1))
+    lease, changed = ls.ack(p, mac(1), offer.ip, duration=600, known=offer)
+    assert changed and lease.state == L.BOUND and lease.ip == offer.ip
+    assert store.calls == 2  # claim txn, CAS txn
+    assert ls.get(offer.ip) == lease
+
+
+def test_optimistic_offer_falls_back_for_known_macs_and_taken_addresses(env):
+    store, clock, plain = env
+    ls = L.LeaseStore(store, server="10.99.0.3", offer_hold=30, clock=clock, optimistic=True)
+    p = pool()
+    first = plain.offer(p, mac(1))
+    plain.ack(p, mac(1), first.ip, duration=600)
+    plain.release(mac(1), first.ip)
+    # a returning MAC gets its previous address back (the create-only claim on its MAC index fails)
+    again = ls.offer(p, mac(1))
+    assert again.ip == first.ip and again.state == L.OFFERED
+    # a new MAC whose first candidate is taken by another MAC gets another address
+    victim = next(iter(p.candidates(mac(3))))
+    other = L.Lease(ip=str(victim), mac=mac(99), state=L.BOUND, expires=2_000_000)
+    store.data[L.lease_key(victim)] = (other.to_bytes(), 1)
+    got = ls.offer(p, mac(3))
+    assert got.ip != str(victim) and ls.get(victim).mac == mac(99)
+    # one live lease per MAC, one MAC per address
+    leases = [x for x in ls.list() if x.state != L.DECLINED]
+    assert len({x.mac for x in leases}) == len(leases)
+
+
+def test_optimistic_allocators_racing_for_one_mac_offer_the_same_address(env):
+    store, clock, _ = env
+    a, b = (L.LeaseStore(store, server=s, offer_hold=30, clock=clock, optimistic=True)
+            for s in ("10.99.0.2", "10.99.0.3"))  # fmt: skip
+    p = pool()
+    first = a.offer(p, mac(5))
+    second = b.offer(p, mac(5))  # b's create-only claim loses: it returns a's live offer
+    assert (second.ip, second.server) == (first.ip, "10.99.0.2")
+    assert len(a.list()) == 1
+
+
+def test_ack_against_a_stale_known_lease_reads_and_retries(env):
+    store, clock, ls = env
+    p = pool()
+    offer = ls.offer(p, mac(1))
+    renewed, _ = ls.ack(p, mac(1), offer.ip, duration=600)  # the key moved on: offer.index is stale
+    store.calls = 0
+    lease, changed = ls.ack(p, mac(1), offer.ip, duration=900, known=offer)
+    assert changed and lease.expires == clock.t + 900
+    assert store.calls == 3  # failed CAS, read, CAS
+    # a known lease of another address or MAC is ignored
+    store.calls = 0
+    elsewhere = "10.99.0.1" if offer.ip != "10.99.0.1" else "10.99.0.2"
+    ls.ack(p, mac(1), offer.ip, duration=900, known=L.Lease(ip=elsewhere, mac=mac(1), state=L.OFFERED, expires=0,
+                                                          index=renewed.index))  # fmt: skip
+    assert store.calls == 2
+    with pytest.raises(L.HeldByOther):  # another MAC's known lease is no shortcut around the read
+        ls.ack(p, mac(2), offer.ip, duration=600, known=lease)

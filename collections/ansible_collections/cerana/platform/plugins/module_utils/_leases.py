@@ -37,6 +37,13 @@ returning client costs two reads (MAC index, lease) and no write while its offer
 lease is live. An ACK or renewal costs one read and one transaction. So a whole
 DISCOVER/OFFER/REQUEST/ACK on a lightly used pool is 4 Consul requests.
 
+A DHCP server cuts that to 2 (``optimistic=True`` and ``ack(known=...)``): it claims a new
+MAC's first candidate without reading first (the create-only CAS on the MAC index fails
+for any MAC the table already knows, which then takes the normal path), and it binds
+against the offer it made itself, whose modify index it knows, without reading it again.
+Both only skip reads: every write is still a compare-and-swap, so a stale guess costs a
+failed transaction and a retry, never a duplicate.
+
 Standard library plus :mod:`_store` only; pure parts (:class:`Pool`, :class:`Lease`,
 :func:`candidate_order`) do no I/O and take ``now`` as an argument.
 """
@@ -305,6 +312,7 @@ class LeaseStore:
         max_probes=DEFAULT_MAX_PROBES,
         clock=time.time,
         attempts=20,
+        optimistic=False,
     ):
         self.store = store
         self.pool_name = pool
@@ -315,6 +323,7 @@ class LeaseStore:
         self.max_probes = max_probes
         self.clock = clock
         self.attempts = attempts
+        self.optimistic = optimistic
 
     # -- reads ------------------------------------------------------------------
 
@@ -414,7 +423,7 @@ class LeaseStore:
         except CasConflict as e:
             raise _Conflict(e.key) from None
 
-    def offer(self, pool, mac, *, requested=None, hostname=None, now=None):
+    def offer(self, pool, mac, *, requested=None, hostname=None, now=None, optimistic=None):
         """Hold an address for ``mac`` for ``offer_hold`` seconds and return the Lease.
 
         Preference (RFC 2131 4.3.1): the MAC's current offer or binding (returned without a
@@ -422,16 +431,59 @@ class LeaseStore:
         is usable and free, then new addresses in the MAC's probe order (never-used ones
         before expired bindings of others). A reserved MAC only ever gets its reservation.
         Raises NoFreeAddress, or HeldByOther when a reservation is still leased to another MAC.
+        ``optimistic`` (default: the store's setting) first tries :meth:`_offer_new`.
         """
         mac = m.normalize_mac(mac, "mac")
-        for _attempt in range(self.attempts):
+        optimistic = self.optimistic if optimistic is None else optimistic
+        for attempt in range(self.attempts):
             now = self.clock() if now is None else now
+            if attempt == 0 and optimistic:
+                got = self._offer_new(pool, mac, requested, hostname, now)
+                if got is not None:
+                    return got
             try:
                 return self._offer_once(pool, mac, requested, hostname, now)
             except _Conflict:
                 now = None  # lost a race on the MAC index: read it again
                 continue
         raise StoreError("could not allocate an address for %s: too many concurrent changes" % mac)
+
+    def _offer_new(self, pool, mac, requested, hostname, now):
+        """The optimistic first try (``optimistic``): assume ``mac`` is new and claim its first
+        candidate (the requested address when usable) without reading anything first.
+
+        The claim creates the MAC index key (CAS index 0), so it fails for any MAC the table
+        knows; then, or when the address is taken, None sends the caller down the normal path.
+        One exception, for servers that see the same DISCOVER at once: when the address turns
+        out to be this MAC's live offer or binding (another server claimed it a moment ago),
+        that lease is returned, as the normal path would. A new client costs one transaction.
+        """
+        if requested is not None:
+            try:
+                requested = ipaddress.IPv4Address(requested)
+            except ValueError:
+                requested = None
+        if requested is not None and pool.usable(requested, mac):
+            ip = requested
+        else:
+            ip = next(iter(pool.candidates(mac)), None)
+            if ip is None:
+                return None
+        new = self._lease(ip, mac, OFFERED, expiry(now, self.offer_hold), hostname)
+        try:
+            return self._claim(new, 0)
+        except _Conflict as c:
+            if c.key != lease_key(ip, self.pool_name):
+                return None
+        lease = self.get(ip)
+        if (
+            lease is not None
+            and lease.owned_by(mac)
+            and not lease.expired(now)
+            and (lease.state == BOUND or lease.remaining(now) >= self.offer_hold / 2)
+        ):
+            return lease
+        return None
 
     def _offer_once(self, pool, mac, requested, hostname, now):
         hint, mac_index = self.mac_hint(mac)
@@ -544,7 +596,8 @@ class LeaseStore:
                 return got
         raise NoFreeAddress(pool.net)
 
-    def ack(self, pool, mac, ip, *, duration, hostname=None, allow_unallocated=False, min_remaining=None, now=None):
+    def ack(self, pool, mac, ip, *, duration, hostname=None, allow_unallocated=False, min_remaining=None, now=None,
+            known=None):  # fmt: skip
         """Bind ``ip`` to ``mac`` for ``duration`` seconds (an ACK or a renewal). Returns (Lease, changed).
 
         The MAC must hold an offer or lease at ``ip`` (live, or expired but not yet taken
@@ -552,15 +605,24 @@ class LeaseStore:
         then a free or reclaimable address is taken too. With ``min_remaining`` an already
         bound lease with at least that many seconds left is returned unchanged.
         Raises NotLeasable, HeldByOther or NoSuchLease (a DHCP server answers NAK).
+
+        ``known`` is a Lease of ``ip`` this caller read or wrote earlier (with its modify
+        index), e.g. the offer a server made: the first attempt then skips the read and
+        compare-and-swaps against it directly; if the key moved on, the CAS fails and the
+        next attempt reads it as usual.
         """
         mac = m.normalize_mac(mac, "mac")
         ip = ipaddress.IPv4Address(ip)
         reason = pool.why_not(ip, mac)
         if reason:
             raise NotLeasable(reason)
+        if known is not None and (
+            known.ip != str(ip) or not known.owned_by(mac) or not known.index or min_remaining is not None
+        ):
+            known = None
         for _attempt in range(self.attempts):
             t = self.clock() if now is None else now
-            lease = self.get(ip)
+            lease, known = (known, None) if known is not None else (self.get(ip), None)
             try:
                 if lease is not None and lease.owned_by(mac):
                     if (
