@@ -37,6 +37,7 @@ PACKAGES: tuple[str, ...] = (
     "procps",
     "python3",
     "python3-apt",
+    "bubblewrap",  # service instances run under bwrap
     "ca-certificates",
 )
 

@@ -1,0 +1,372 @@
+#!/usr/bin/python
+# Copyright: Contributors to the cerana project
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: service_instance
+short_description: Run one service of a bundle on this node as a sandboxed systemd unit
+version_added: 0.1.0
+description:
+  - Runs on the node (not the controller). Reads the bundle overlay (the bundle merged with its services and
+    datasets) from Consul and runs the service O(service) of O(bundle) as the systemd unit
+    C(cerana-<bundle>_<service>.service).
+  - The unit runs the service's C(cmd) under bubblewrap as the unprivileged user C(cerana-svc) in new user, PID,
+    IPC and UTS namespaces, with the service dataset C(<data_dir>/datasets/<id>) as the read-only root, C(/proc),
+    C(/dev), a private C(/tmp), the bundle datasets at their mount points (C(rw) as a bind mount of
+    C(<data_dir>/instances/<bundle>/<name>), C(ramdisk) as a size-limited tmpfs) and only the merged environment.
+  - The service's limits become C(CPUQuota=) (cores x 100%), C(MemoryMax=) and C(TasksMax=). The unit restarts on
+    failure; output goes to the journal. After every (re)start the unit records the instance (main pid) in
+    C(<run_dir>/bundles/<bundle>/<service>.json), which the node tick reads for heartbeats and health checks.
+  - Network - in this version the instance shares the node's network namespace; bundle network namespaces and
+    published ports are not implemented yet.
+  - Nothing restarts when nothing changed; a changed unit restarts only this instance.
+  - Before anything is written it fails when the dataset is not on the node, when the command is not an
+    executable file in the dataset, or (when it would start the instance) when a port of the bundle is already
+    listened on by anything but this bundle. If the instance does not stay up after a start, the previous unit
+    (or none) is put back and the task fails with the journal's last lines.
+  - Needs C(bwrap) (bubblewrap >= 0.8), systemd and, for O(state=started) and O(state=stopped), the C(py-consul)
+    library for the interpreter that runs the module on the node.
+extends_documentation_fragment:
+  - cerana.platform._connection
+  - cerana.platform._connection.actiongroup
+attributes:
+  check_mode:
+    description: Predicts the change and the unit without writing or starting anything.
+    support: full
+  diff_mode:
+    description: Returns the unit file text before and after.
+    support: full
+  idempotent:
+    description: A second run with the same bundle definition reports C(changed=false) and restarts nothing.
+    support: full
+options:
+  bundle:
+    description: The bundle id.
+    type: str
+    required: true
+  service:
+    description: The id of a service of the bundle.
+    type: str
+    required: true
+  state:
+    description:
+      - V(started) - the unit is installed, enabled and running the current definition.
+      - V(stopped) - the unit is installed with the current definition but stopped and disabled; the instance
+        record is removed.
+      - V(absent) - the unit and the instance record are removed (Consul is not read). Data of C(rw) bundle
+        datasets in C(<data_dir>/instances) is kept.
+    type: str
+    choices: [started, stopped, absent]
+    default: started
+  data_dir:
+    description: The node's data directory (datasets in C(datasets/), rw bundle data in C(instances/)).
+    type: path
+    default: /var/lib/cerana
+  run_dir:
+    description: Where instance records are kept (as the node tick's C(run_dir)).
+    type: path
+    default: /run/cerana
+  unit_dir:
+    description: Where the unit file is written.
+    type: path
+    default: /etc/systemd/system
+  settle:
+    description: Seconds the instance must stay up (same main pid, no restart) after a start for the task to succeed.
+    type: float
+    default: 1.0
+author:
+  - Cerana Platform developers (@cerana)
+"""
+
+EXAMPLES = r"""
+- name: Run the web service of bundle shop on the nodes
+  cerana.platform.service_instance:
+    bundle: shop
+    service: web
+    consul_url: http://10.77.0.11:8500
+
+- name: Remove it again
+  cerana.platform.service_instance:
+    bundle: shop
+    service: web
+    state: absent
+"""
+
+RETURN = r"""
+unit:
+  description: The unit's name.
+  returned: always
+  type: str
+  sample: cerana-shop_web.service
+unit_path:
+  description: The unit file.
+  returned: always
+  type: str
+  sample: /etc/systemd/system/cerana-shop_web.service
+unit_hash:
+  description: SHA-256 of the unit text after the task; null when absent.
+  returned: always
+  type: str
+  sample: sha256:0f3c...
+active:
+  description: Whether the unit is active after the task (predicted in check mode).
+  returned: always
+  type: bool
+  sample: true
+main_pid:
+  description: The unit's main process (bwrap) after the task; null when not running or in check mode with a change.
+  returned: always
+  type: int
+  sample: 1234
+restarted:
+  description: Whether a running instance was restarted because its unit changed.
+  returned: always
+  type: bool
+  sample: false
+"""
+
+import os
+import pwd
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.cerana.platform.plugins.module_utils import _instances
+from ansible_collections.cerana.platform.plugins.module_utils import _models as m
+from ansible_collections.cerana.platform.plugins.module_utils import _service_units as su
+from ansible_collections.cerana.platform.plugins.module_utils._ansible import CONNECTION_ARGSPEC, store_from_module
+from ansible_collections.cerana.platform.plugins.module_utils._files import atomic_write, read_text, remove_file
+from ansible_collections.cerana.platform.plugins.module_utils._objects import Objects
+from ansible_collections.cerana.platform.plugins.module_utils._store import StoreError
+from ansible_collections.cerana.platform.plugins.module_utils._systemd import (
+    InstanceError,
+    Systemd,
+    bundle_socket_inodes,
+    listening,
+)
+
+ARGUMENT_SPEC = dict(
+    bundle=dict(type="str", required=True),
+    service=dict(type="str", required=True),
+    state=dict(type="str", default="started", choices=["started", "stopped", "absent"]),
+    data_dir=dict(type="path", default="/var/lib/cerana"),
+    run_dir=dict(type="path", default="/run/cerana"),
+    unit_dir=dict(type="path", default="/etc/systemd/system"),
+    settle=dict(type="float", default=1.0),
+    **CONNECTION_ARGSPEC,
+)
+
+
+def _write_unit(path, text):
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def ensure_user(module):
+    """The fixed unprivileged user the sandboxes run as: (uid, gid, changed)."""
+    try:
+        pw = pwd.getpwnam(su.SERVICE_USER)
+        return pw.pw_uid, pw.pw_gid, False
+    except KeyError:
+        pass
+    useradd = module.get_bin_path("useradd", required=True)
+    rc, out, err = module.run_command(
+        [
+            useradd,
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            su.SERVICE_USER,
+        ]
+    )
+    if rc != 0:
+        raise InstanceError("cannot create the user %s: %s" % (su.SERVICE_USER, (err or out).strip()))
+    pw = pwd.getpwnam(su.SERVICE_USER)
+    return pw.pw_uid, pw.pw_gid, True
+
+
+def load_spec(module):
+    p = module.params
+    objects = Objects(store_from_module(module))
+    bundle_id = m._label(p["bundle"], "bundle")
+    m._label(p["service"], "service")
+    stored = objects.get("bundle", bundle_id)
+    if stored is None:
+        raise InstanceError("bundle %s is not declared" % bundle_id)
+    overlay = objects.overlay(stored.obj)
+    return su.build_spec(overlay, p["service"], p["data_dir"], p["run_dir"])
+
+
+def preflight(module, spec):
+    """Everything that can be checked before writing anything: returns (entries, bwrap path)."""
+    if not os.path.isdir(spec.root):
+        raise InstanceError(
+            "dataset %s of service %s is not on this node (no directory %s)" % (spec.dataset, spec.service, spec.root),
+            dataset=spec.dataset,
+        )
+    entries = su.root_entries(spec.root)
+    path_env = dict(spec.env).get("PATH", su.DEFAULT_PATH)
+    if su.find_command(spec.root, spec.cmd[0], path_env) is None:
+        raise InstanceError(
+            "command %s of service %s is not an executable file in dataset %s%s"
+            % (spec.cmd[0], spec.service, spec.dataset, "" if "/" in spec.cmd[0] else " (PATH %s)" % path_env),
+            command=spec.cmd[0],
+        )
+    missing = su.missing_mount_points(spec, entries)
+    if missing:
+        raise InstanceError(
+            "mount points %s are below read-only directories of dataset %s that do not contain them"
+            % (", ".join(missing), spec.dataset)
+        )
+    bwrap = module.get_bin_path("bwrap")
+    if not bwrap:
+        raise InstanceError("bwrap (bubblewrap) is not installed on this node")
+    return entries, bwrap
+
+
+def wait_started(sd, spec, settle):
+    """(True, main pid) once the unit is active, its record written, and it stayed up ``settle`` s."""
+    deadline = time.monotonic() + max(5.0, settle * 3)
+    record = _instances.instance_path(spec.run_dir, spec.bundle, spec.service)
+    first = None
+    while time.monotonic() < deadline:
+        st = sd.show(spec.unit)
+        text = read_text(record) if st["active_state"] == "active" and st["main_pid"] else None
+        if text and _instances.parse_instance(spec.bundle, spec.service, text).pid == st["main_pid"]:
+            now = time.monotonic()
+            if first is None:
+                first = (now, st["main_pid"], st["restarts"])
+            elif (st["main_pid"], st["restarts"]) != first[1:]:
+                return False, None
+            elif now - first[0] >= settle:
+                return True, st["main_pid"]
+        elif first is not None or st["active_state"] == "failed":
+            return False, None
+        time.sleep(0.1)
+    return False, None
+
+
+def run(module):
+    p = module.params
+    unit = su.unit_name(m._label(p["bundle"], "bundle"), m._label(p["service"], "service"))
+    unit_path = os.path.join(p["unit_dir"], unit)
+    sd = Systemd(module)
+    before = read_text(unit_path)
+    status = sd.show(unit)
+    result = {"unit": unit, "unit_path": unit_path, "restarted": False}
+
+    if p["state"] == "absent":
+        after = None
+        changed = before is not None or status["active"]
+    else:
+        spec = load_spec(module)
+        entries, bwrap = preflight(module, spec)
+        after = su.render_unit(spec, entries, bwrap=bwrap)
+        want_active = p["state"] == "started"
+        changed = before != after or status["active"] != want_active or status["enabled"] != want_active
+        if want_active and (before != after or not status["active"]):
+            taken = su.taken_ports(spec.ports, listening(), bundle_socket_inodes(spec.bundle))
+            if taken:
+                raise InstanceError(
+                    "port%s %s of bundle %s already in use on this node" % (
+                        "s" if len(taken) > 1 else "", ", ".join(map(str, taken)), spec.bundle),
+                    ports=taken,
+                )  # fmt: skip
+    if module._diff:
+        result["diff"] = {
+            "before": before or "",
+            "after": after or "",
+            "before_header": unit_path,
+            "after_header": unit_path,
+        }
+    result["unit_hash"] = su.content_hash(after) if after is not None else None
+    result["changed"] = changed
+    if module.check_mode or not changed:
+        result["active"] = p["state"] == "started" if changed else status["active"]
+        result["main_pid"] = status["main_pid"] if not changed else None
+        return result
+
+    if p["state"] == "absent":
+        if status["active"] or status["enabled"]:
+            sd.run("disable", "--now", unit, check=False)
+        remove_file(unit_path)
+        sd.run("daemon-reload")
+        sd.run("reset-failed", unit, check=False)
+        _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
+        result.update(active=False, main_pid=None)
+        return result
+
+    _uid, _gid, _created = ensure_user(module)
+    for d in spec.instance_dirs():
+        if not os.path.isdir(d):
+            os.makedirs(d, mode=0o750)
+            os.chown(d, _uid, _gid)
+    if before != after:
+        _write_unit(unit_path, after)
+        sd.run("daemon-reload")
+
+    if p["state"] == "stopped":
+        sd.run("disable", "--now", unit)
+        _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
+        result.update(active=False, main_pid=None)
+        return result
+
+    was_active = status["active"]
+    if was_active and before != after:
+        sd.run("restart", unit)
+        result["restarted"] = True
+    elif not status["active"]:
+        sd.run("reset-failed", unit, check=False)
+        sd.run("start", unit, check=False)
+    ok, pid = wait_started(sd, spec, p["settle"])
+    if not ok:
+        journal = sd.journal(unit)
+        rollback(sd, unit, unit_path, before, was_active, p)
+        raise InstanceError(
+            "%s did not stay up after starting; %s. Last journal lines:\n%s"
+            % (unit, "the previous unit was put back" if before is not None else "the unit was removed", journal),
+            journal=journal.splitlines(),
+        )
+    if not status["enabled"]:
+        sd.run("enable", unit)
+    result.update(active=True, main_pid=pid)
+    return result
+
+
+def rollback(sd, unit, unit_path, before, was_active, p):
+    sd.run("stop", unit, check=False)
+    if before is None:
+        remove_file(unit_path)
+    else:
+        _write_unit(unit_path, before)
+    sd.run("daemon-reload", check=False)
+    sd.run("reset-failed", unit, check=False)
+    _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
+    if before is not None and was_active:
+        sd.run("start", unit, check=False)
+
+
+def main():
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
+    try:
+        result = run(module)
+    except InstanceError as e:
+        module.fail_json(msg=str(e), **e.extra)
+    except su.SpecError as e:
+        module.fail_json(msg=str(e))
+    except m.ValidationError as e:
+        module.fail_json(msg=str(e), field=e.path)
+    except StoreError as e:
+        module.fail_json(msg=str(e))
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
