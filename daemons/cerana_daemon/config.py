@@ -7,6 +7,7 @@ into a :class:`ConfigError` naming the setting and where the value came from.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import ipaddress
 import re
@@ -39,6 +40,27 @@ def setting(default: Any, parse: Callable[[Any], Any], help: str, *, factory: bo
     if factory:
         return dataclasses.field(default_factory=default, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def add_setting_flags(
+    parser: argparse.ArgumentParser, settings_cls: type, env_prefix: str, *, skip: tuple[str, ...] = ()
+) -> None:
+    """One ``--some-setting`` flag per field of ``settings_cls``, its help from the field's metadata."""
+    defaults = settings_cls()
+    for field in dataclasses.fields(settings_cls):
+        if field.name in skip:
+            continue
+        default = getattr(defaults, field.name)
+        if isinstance(default, Mapping):
+            default = ",".join(f"{k}={v}" for k, v in default.items())
+        elif isinstance(default, tuple):
+            default = ",".join(default)
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            metavar=field.name.split("_")[-1].upper(),
+            help=f"{field.metadata['help']} (default: {default!s}; env {env_prefix}{field.name.upper()})",
+        )
 
 
 def parse_duration(value: Any) -> float:

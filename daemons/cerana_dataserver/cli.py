@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import threading
 from collections.abc import Sequence
 
+from cerana_daemon.config import add_setting_flags
 from cerana_daemon.logs import configure_logging
 from cerana_daemon.signals import stop_on_signals
 from cerana_dataserver import __version__
-from cerana_dataserver.config import ConfigError, Settings
+from cerana_dataserver.config import ENV_PREFIX, ConfigError, Settings
 from cerana_dataserver.server import make_server
 
 log = logging.getLogger("cerana_dataserver")
@@ -32,15 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-c", "--config", metavar="FILE",
         help="TOML settings file (env CERANA_DATASERVER_CONFIG; default /etc/cerana/dataserver.toml if present)",
     )  # fmt: skip
-    defaults = Settings()
-    for field in dataclasses.fields(Settings):
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            dest=field.name,
-            metavar=field.name.split("_")[-1].upper(),
-            help=f"{field.metadata['help']} (default: {getattr(defaults, field.name)!s}; "
-            f"env CERANA_DATASERVER_{field.name.upper()})",
-        )
+    add_setting_flags(parser, Settings, ENV_PREFIX)
     return parser
 
 

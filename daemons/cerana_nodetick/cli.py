@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import threading
 from collections.abc import Sequence
 
 from ansible_collections.cerana.platform.plugins.module_utils import _store
+from cerana_daemon.config import add_setting_flags
 from cerana_daemon.logs import configure_logging
 from cerana_daemon.signals import stop_on_signals
 from cerana_nodetick import __version__, collect, loop
-from cerana_nodetick.config import CONSUL_HELP, ConfigError, Settings
+from cerana_nodetick.config import CONSUL_HELP, ENV_PREFIX, ConfigError, Settings
 
 log = logging.getLogger("cerana_nodetick")
 
@@ -32,20 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-c", "--config", metavar="FILE",
         help="TOML settings file (env CERANA_NODE_TICK_CONFIG; default /etc/cerana/node-tick.toml if present)",
     )  # fmt: skip
-    defaults = Settings()
-    for field in dataclasses.fields(Settings):
-        if field.name == "consul":
-            continue
-        default = getattr(defaults, field.name)
-        shown = ",".join(f"{k}={v}" for k, v in default.items()) if isinstance(default, dict) else default
-        if isinstance(default, tuple):
-            shown = ",".join(default)
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            dest=field.name,
-            metavar=field.name.split("_")[-1].upper(),
-            help=f"{field.metadata['help']} (default: {shown!s} ; env CERANA_NODE_TICK_{field.name.upper()})",
-        )
+    add_setting_flags(parser, Settings, ENV_PREFIX, skip=("consul",))
     parser.add_argument("--consul-address", dest="consul_address", metavar="URL", help=CONSUL_HELP["address"])
     parser.add_argument("--consul-timeout", dest="consul_timeout", metavar="SECONDS", help=CONSUL_HELP["timeout"])
     parser.add_argument("--kv-prefix", dest="kv_prefix", metavar="PREFIX", help=CONSUL_HELP["prefix"])
