@@ -22,7 +22,7 @@ fi
 if command -v consul >/dev/null 2>&1; then command -v consul; exit 0; fi
 if [ -x "$local_bin" ]; then echo "$local_bin"; exit 0; fi
 
-# The first deb.debian.org-style mirror URI configured on this system.
+# The first Debian mirror URI configured on this system (the security suite excluded).
 mirror_uri() {
   local f uri
   for f in /etc/apt/sources.list.d/*.sources; do
