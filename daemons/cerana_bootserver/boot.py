@@ -21,6 +21,7 @@ import threading
 
 from cerana_bootserver import images as img
 from cerana_bootserver import ipxe, pxe
+from cerana_bootserver.config import Settings as _DEFAULTS
 from cerana_bootserver.tftp import TftpService
 from cerana_bootserver.web import WebContext, WebThread
 
@@ -29,33 +30,35 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class BootSettings:
+    """The settings of the boot media services; their defaults are the daemon's (``config.Settings``)."""
+
     server_address: str
     """This server's address (URLs in scripts, siaddr). Settings.server_address."""
-    next_server: str = ""
+    next_server: str = _DEFAULTS.next_server
     """TFTP server handed to PXE ROMs; empty: this server. Settings.next_server."""
-    bios_boot_file: str = "undionly.kpxe"
-    efi_boot_file: str = "ipxe.efi"
-    pool: str = "dhcp"
-    ipxe_dir: str = "/usr/lib/ipxe"
+    bios_boot_file: str = _DEFAULTS.bios_boot_file
+    efi_boot_file: str = _DEFAULTS.efi_boot_file
+    pool: str = _DEFAULTS.pool
+    ipxe_dir: str = _DEFAULTS.ipxe_dir
     """Where the iPXE binaries come from (Debian package ``ipxe``); copied into tftp_root at start."""
-    tftp_root: str = "/var/lib/cerana/bootserver/tftp"
+    tftp_root: str = _DEFAULTS.tftp_root
     """Directory served over TFTP (read-only)."""
-    tftp_address: str = "0.0.0.0"
-    tftp_port: int = 69
-    tftp_timeout: float = 2.0
+    tftp_address: str = _DEFAULTS.tftp_address
+    tftp_port: int = _DEFAULTS.tftp_port
+    tftp_timeout: float = _DEFAULTS.tftp_timeout
     """Seconds before tftpy resends a block (also the longest stop delay)."""
-    http_address: str = "0.0.0.0"
-    http_port: int = 80
-    images_dir: str = "/data/platform"
+    http_address: str = _DEFAULTS.http_address
+    http_port: int = _DEFAULTS.http_port
+    images_dir: str = _DEFAULTS.images_dir
     """Platform images: ``<images_dir>/<name>/{kernel,initrd}``."""
-    default_image: str = "current"
-    cluster_ips: str = ""
+    default_image: str = _DEFAULTS.default_image
+    cluster_ips: str = _DEFAULTS.cluster_ips
     """Comma-separated Consul servers for ``cerana.cluster_ips``; empty: Consul's Raft peers, else this server."""
-    kernel_console: str = "ttyS0"
-    zfs_config: str = "auto"
-    kernel_args: str = ""
+    kernel_console: str = _DEFAULTS.kernel_console
+    zfs_config: str = _DEFAULTS.zfs_config
+    kernel_args: str = _DEFAULTS.kernel_args
     """Extra kernel arguments, space-separated."""
-    boot_refresh: float = 5.0
+    boot_refresh: float = _DEFAULTS.boot_refresh
     """Seconds the cluster view (reservations, nodes) is cached between scripts."""
 
     @classmethod
