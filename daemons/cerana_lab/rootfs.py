@@ -38,6 +38,7 @@ PACKAGES: tuple[str, ...] = (
     "python3",
     "python3-apt",
     "bubblewrap",  # service instances run under bwrap
+    "nftables",  # published ports of bundles
     "ca-certificates",
 )
 
