@@ -39,6 +39,7 @@ PACKAGES: tuple[str, ...] = (
     "python3-apt",
     "bubblewrap",  # service instances run under bwrap
     "nftables",  # published ports of bundles
+    "openssh-server",  # the cluster tick reaches the nodes with ansible over ssh
     "ca-certificates",
 )
 
@@ -194,3 +195,12 @@ def finish_image(root: Path) -> None:
     (root / "etc/hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
     for deb in (root / "var/cache/apt/archives").glob("*.deb"):
         deb.unlink()
+    # Every machine boots from this tree: no shared ssh host keys; each node makes its own.
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    dropin = root / "etc/systemd/system/ssh.service.d"
+    if (root / "usr/sbin/sshd").exists():
+        dropin.mkdir(parents=True, exist_ok=True)
+        (dropin / "host-keys.conf").write_text(
+            "[Service]\nExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n"
+        )
