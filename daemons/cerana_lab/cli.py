@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from cerana_lab import host, machines, rootfs
+from cerana_lab import host, machines, rootfs, sample
 from cerana_lab.plan import (
     DEFAULT_LAB,
     DEFAULT_SUBNET,
@@ -392,6 +393,18 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
     return wrapper
 
 
+def cmd_sample_dataset(args: argparse.Namespace) -> int:
+    if args.dir.exists():
+        raise LabError(f"{args.dir} exists; give a new directory")
+    try:
+        sample.build_sample(args.dir, args.python)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        shutil.rmtree(args.dir, ignore_errors=True)
+        raise LabError(f"cannot build the sample dataset in {args.dir}: {exc}") from None
+    print(args.dir)
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``lab`` command group to an argparse subparsers object."""
     lab = subparsers.add_parser(
@@ -502,6 +515,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--python", help="interpreter for netns nodes (default: this Python; nspawn nodes use /usr/bin/python3)"
     )
     inv.set_defaults(func=_guarded(cmd_inventory))
+
+    sample_cmd = commands.add_parser(
+        "sample-dataset",
+        help="write the sample app dataset (Python and two small services) into a directory",
+        description="Write the sample app dataset into DIR: this machine's Python, its standard library and "
+        "libraries, /app/backend.py and /app/front.py (cerana_lab/sample.py). Import it with "
+        "cerana.platform.dataset_import.",
+    )
+    sample_cmd.add_argument("dir", type=Path, help="target directory (must not exist)")
+    sample_cmd.add_argument("--python", default="/usr/bin/python3", help="interpreter to copy (default: %(default)s)")
+    sample_cmd.set_defaults(func=_guarded(cmd_sample_dataset))
     return lab
 
 
