@@ -17,6 +17,27 @@ from cerana_nodetick.collect import Running, Sample
 NOT_CHECKED = "not checked yet"
 NOT_RUNNING = "service is not running"
 RUNNING, STOPPED = "running", "stopped"
+DEFAULT_HOST = "127.0.0.1"  # the default ``host`` of http and tcp checks (``_models.HEALTH_CHECK_ARGS``)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a bundle's checks run on this node: its instance ``address`` and network namespace file."""
+
+    address: str
+    netns: str
+
+
+def placed_args(check: m.HealthCheck, place: Placement | None) -> dict:
+    """The arguments ``check`` runs with: an http/tcp check to the default host goes to the instance's address.
+
+    A bundle with a network listens on its own address, not on the node's 127.0.0.1; a
+    ``host`` given explicitly (anything but 127.0.0.1) is kept.
+    """
+    args = dict(check.args)
+    if place is not None and check.kind in ("http", "tcp") and args.get("host", DEFAULT_HOST) == DEFAULT_HOST:
+        args["host"] = place.address
+    return args
 
 
 def build_node(node_id: str, sample: Sample, labels: Mapping[str, str], now: datetime.datetime) -> m.Node:
@@ -67,13 +88,17 @@ def bundle_heartbeats(
     checks: Mapping[str, Mapping[str, Mapping[str, m.HealthCheck]]],
     results: Mapping[CheckId, str | None],
     now: datetime.datetime,
+    addresses: Mapping[str, str] | None = None,
 ) -> dict[str, m.BundleHeartbeat]:
     """{key: heartbeat} per bundle with instances on this node.
 
     ``checks`` is {bundle: {service: {check id: HealthCheck}}}; ``results`` the latest
     outcome of each check (None: passed, text: the error). A check with no result yet
     reports :data:`NOT_CHECKED`; the checks of a stopped instance report :data:`NOT_RUNNING`.
+    ``addresses`` maps a bundle to its network's address on this node (its heartbeat's
+    ``address``; null for a bundle without one).
     """
+    addresses = addresses or {}
     per_bundle: dict[str, dict[str, dict]] = {}
     for r in running:
         inst = r.instance
@@ -89,7 +114,7 @@ def bundle_heartbeats(
     when = m.format_time(now)
     return {
         m.bundle_heartbeat_key(b, node_id): m.BundleHeartbeat(
-            bundle=b, node=node_id, time=when, services=dict(sorted(s.items()))
+            bundle=b, node=node_id, time=when, services=dict(sorted(s.items())), address=addresses.get(b)
         )
         for b, s in sorted(per_bundle.items())
     }

@@ -5,10 +5,12 @@ raises: :func:`run_check` turns any unexpected exception into an error text too.
 checker honours ``timeout`` (seconds). ``args`` are a check's validated arguments, with
 defaults filled in (``HealthCheck.from_dict``).
 
-Until services run in their own namespaces, checks run on the host: ``http``/``tcp``
-connect to ``host`` (127.0.0.1 by default), ``command`` runs on the host, ``file`` looks
-at a host path. ``https`` checks do not verify the certificate (a local service rarely
-has one for 127.0.0.1).
+Where a check runs depends on the bundle's network on the node (``core.placed_args``
+and ``netns``): for a bundle with a network, ``http``/``tcp`` checks whose ``host`` is the
+default (127.0.0.1) connect to the instance's address and ``command`` checks run inside
+the bundle's network namespace (``nsenter --net=<netns>``); without one they connect to
+``host`` and run on the node. ``file`` checks look at a path on the node. ``https`` checks
+do not verify the certificate (an instance rarely has one for its address).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 MAX_READ = 64 * 1024
+NSENTER = "nsenter"
 
 
 def _short(text: str, limit: int = 200) -> str:
@@ -108,19 +111,24 @@ def check_tcp(args: Mapping[str, Any], timeout: float) -> str | None:
         return f"{where}: {_reason(e)}"
 
 
-def check_command(args: Mapping[str, Any], timeout: float) -> str | None:
-    """Run ``cmd`` (a list, no shell); it must exit 0 within ``timeout``. The last output line is reported."""
+def check_command(args: Mapping[str, Any], timeout: float, netns: str | None = None) -> str | None:
+    """Run ``cmd`` (a list, no shell); it must exit 0 within ``timeout``. The last output line is reported.
+
+    With ``netns`` (a namespace file such as ``/run/netns/cerana-shop``) it runs inside that
+    network namespace, through ``nsenter --net=<netns> --``.
+    """
     cmd = [str(c) for c in args["cmd"]]
+    argv = [NSENTER, f"--net={netns}", "--", *cmd] if netns else cmd
     try:
         proc = subprocess.Popen(
-            cmd,
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # so a timeout kills the whole process group
         )
     except OSError as e:
-        return f"command {cmd[0]!r}: {_reason(e)}"
+        return f"command {argv[0]!r}: {_reason(e)}"
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -177,12 +185,23 @@ CHECKERS: dict[str, Callable[..., str | None]] = {
 
 
 def run_check(
-    kind: str, args: Mapping[str, Any], timeout: float, *, started: str, now: datetime.datetime
+    kind: str,
+    args: Mapping[str, Any],
+    timeout: float,
+    *,
+    started: str,
+    now: datetime.datetime,
+    netns: str | None = None,
 ) -> str | None:
-    """Run one check; None when it passes, else the error text (never raises)."""
+    """Run one check; None when it passes, else the error text (never raises).
+
+    ``netns``: the bundle's network namespace file; ``command`` checks run inside it.
+    """
     try:
         if kind == "uptime":
             return check_uptime(args, started, now)
+        if kind == "command":
+            return check_command(args, timeout, netns)
         checker = CHECKERS.get(kind)
         if checker is None:
             return f"unknown health check kind {kind!r}"

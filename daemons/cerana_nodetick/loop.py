@@ -1,5 +1,9 @@
 """The tick loop: collect, decide (``core``), write (``kv``); survive Consul outages.
 
+After the heartbeats, each tick keeps the node's networking in line with the cluster
+(:meth:`NodeTick.network_tick`): the vxlan overlay's peers and the published ports
+(``_portmap``: nftables, loaded only when the rendered text changed).
+
 :func:`run` ticks every ``interval`` seconds until ``stop`` is set. A tick that fails
 because Consul is unreachable (or refuses) is retried with capped exponential backoff;
 the connection state is logged once per change. On the way out the daemon destroys its
@@ -11,14 +15,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import ipaddress
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ansible_collections.cerana.platform.plugins.module_utils import _bundle_net, _objects, _portmap, _store
 from ansible_collections.cerana.platform.plugins.module_utils import _models as m
-from ansible_collections.cerana.platform.plugins.module_utils import _objects, _store
 from cerana_nodetick import collect, core, health, kv
 from cerana_nodetick.config import Settings
 
@@ -30,7 +36,7 @@ class Checks:
 
     def __init__(self, workers: int) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="health")
-        self.defs: dict[core.CheckId, m.HealthCheck] = {}
+        self.defs: dict[core.CheckId, tuple[m.HealthCheck, core.Placement | None]] = {}
         self.last_started: dict[core.CheckId, float] = {}
         self.futures: dict[core.CheckId, concurrent.futures.Future[str | None]] = {}
         self.results: dict[core.CheckId, str | None] = {}
@@ -44,28 +50,39 @@ class Checks:
 
     def update(
         self,
-        wanted: dict[core.CheckId, tuple[m.HealthCheck, str]],
+        wanted: dict[core.CheckId, tuple[m.HealthCheck, str, core.Placement | None]],
         now: float,
         wall: datetime.datetime,
         settle: float,
     ) -> dict[core.CheckId, str | None]:
-        """Start the due checks of ``wanted`` ({id: (check, instance start time)}); return the latest results.
+        """Start the due checks of ``wanted``; return the latest results.
 
+        ``wanted`` is {check id: (check, instance start time, placement)}. A check whose
+        definition or placement (the bundle network) changed starts afresh.
         Waits up to ``settle`` seconds for the checks started now, so a first result
         usually makes it into this tick's heartbeat.
         """
         self._harvest()
         for cid in list(self.defs):
-            if cid not in wanted or self.defs[cid] != wanted[cid][0]:
+            if cid not in wanted or self.defs[cid] != (wanted[cid][0], wanted[cid][2]):
                 self.defs.pop(cid, None)
                 self.last_started.pop(cid, None)
                 self.results.pop(cid, None)
-        self.defs.update({cid: check for cid, (check, _) in wanted.items()})
+        self.defs.update({cid: (check, place) for cid, (check, _, place) in wanted.items()})
         started = []
-        for cid in core.due_checks(self.defs, self.last_started, self.futures, now):
-            check, since = wanted[cid]
+        defs = {cid: check for cid, (check, _) in self.defs.items()}
+        for cid in core.due_checks(defs, self.last_started, self.futures, now):
+            check, since, place = wanted[cid]
             self.last_started[cid] = now
-            fut = self.pool.submit(health.run_check, check.kind, check.args, check.timeout, started=since, now=wall)
+            fut = self.pool.submit(
+                health.run_check,
+                check.kind,
+                core.placed_args(check, place),
+                check.timeout,
+                started=since,
+                now=wall,
+                netns=place.netns if place else None,
+            )
             self.futures[cid] = fut
             started.append(fut)
         if started and settle > 0:
@@ -104,6 +121,9 @@ class NodeTick:
         self.config = m.ClusterConfig()
         self.last_history: float | None = None
         self._reported: dict[str, object] = {}
+        self.bridge = _bundle_net.BRIDGE
+        self.nft = "nft"
+        self.applied_ports: str | None = None  # the ruleset text last loaded (None: not known, load the next one)
 
     def _report_once(self, topic: str, value: object, level: int, msg: str, *args: object) -> None:
         """Log ``msg`` when ``value`` for ``topic`` differs from last time (no log spam every tick)."""
@@ -121,18 +141,40 @@ class NodeTick:
         self._report_once("cluster-config", None, logging.INFO, "")
         return stored.obj if stored else m.ClusterConfig()
 
-    def bundle_checks(self, bundle_ids: set[str]) -> dict[str, dict[str, dict[str, m.HealthCheck]]]:
+    def read_bundles(self) -> list[m.Bundle] | None:
+        """The declared bundles (one recursive read), or None when a stored bundle does not decode."""
+        try:
+            bundles = [s.obj for s in self.objects.list("bundle")]
+        except _objects.StoredValueError as e:
+            self._report_once(
+                "declared", str(e), logging.ERROR, "%s; health checks are not run, published ports are kept", e
+            )
+            return None
+        self._report_once("declared", None, logging.INFO, "")
+        return bundles
+
+    def read_networks(self) -> dict[str, _bundle_net.NetworkRecord]:
+        """{bundle: NetworkRecord} of the bundle networks on this node (``<run_dir>/networks/``)."""
+        records, errors = _bundle_net.read_networks(str(self.settings.run_dir))
+        self._report_once(
+            "network-errors", tuple(errors), logging.WARNING, "unreadable bundle network records: %s", errors
+        )
+        return {r.bundle: r for r in records}
+
+    def bundle_checks(
+        self, bundle_ids: set[str], declared: list[m.Bundle] | None
+    ) -> dict[str, dict[str, dict[str, m.HealthCheck]]]:
         """{bundle: {service: {check id: HealthCheck}}} for the local bundles, from their overlaid configuration."""
-        if not bundle_ids:
+        if not bundle_ids or declared is None:
             return {}
         try:
-            bundles = {s.obj.id: s.obj for s in self.objects.list("bundle") if s.obj.id in bundle_ids}
+            bundles = {b.id: b for b in declared if b.id in bundle_ids}
             services = {s.obj.id: s.obj for s in self.objects.list("service")}
             datasets = {s.obj.id: s.obj for s in self.objects.list("dataset")}
         except _objects.StoredValueError as e:
-            self._report_once("declared", str(e), logging.ERROR, "%s; health checks are not run", e)
+            self._report_once("declared-parts", str(e), logging.ERROR, "%s; health checks are not run", e)
             return {}
-        self._report_once("declared", None, logging.INFO, "")
+        self._report_once("declared-parts", None, logging.INFO, "")
         out = {}
         for bid, bundle in bundles.items():
             try:
@@ -165,24 +207,111 @@ class NodeTick:
         hbs = core.dataset_heartbeats(self.node_id, dataset_ids, running, now)
         self.datasets.sync({k: v.to_bytes() for k, v in hbs.items()}, cfg.dataset_ttl)
 
-        checks = self.bundle_checks({r.instance.bundle for r in running})
+        networks = self.read_networks()
+        has_bridge = self.bridge_exists()
+        local = {r.instance.bundle for r in running}
+        # the declared bundles are read only when something here needs them (an idle node stays cheap)
+        declared = self.read_bundles() if local or has_bridge else []
+        checks = self.bundle_checks(local, declared)
+        places = {b: core.Placement(r.address, r.netns_path) for b, r in networks.items()}
         starts = {(r.instance.bundle, r.instance.service): r.instance.started for r in running if r.running}
         wanted = {
-            (b, sid, cid): (check, starts[(b, sid)])
+            (b, sid, cid): (check, starts[(b, sid)], places.get(b))
             for b, svcs in checks.items()
             for sid, svc_checks in svcs.items()
             if (b, sid) in starts
             for cid, check in svc_checks.items()
         }
         results = self.checks.update(wanted, mono, now, settle=min(1.0, s.interval / 2))
-        bhbs = core.bundle_heartbeats(self.node_id, running, checks, results, self.wall())
+        addresses = {b: r.address for b, r in networks.items()}
+        bhbs = core.bundle_heartbeats(self.node_id, running, checks, results, self.wall(), addresses)
         self.bundles.sync({k: v.to_bytes() for k, v in bhbs.items()}, cfg.bundle_ttl)
+
+        self.network_tick(cfg, has_bridge, declared, list(bhbs.values()), networks)
 
         if core.history_due(self.last_history, mono, s.history_interval):
             pruned = kv.write_history(self.store, node, now, cfg.history_retention)
             self.last_history = mono
             if pruned:
                 log.debug("pruned %d historical samples", pruned)
+
+    def bridge_exists(self) -> bool:
+        try:
+            socket.if_nametoindex(self.bridge)
+        except OSError:
+            return False
+        return True
+
+    def network_tick(
+        self,
+        cfg: m.ClusterConfig,
+        has_bridge: bool,
+        declared: list[m.Bundle] | None,
+        own: list[m.BundleHeartbeat],
+        networks: dict[str, _bundle_net.NetworkRecord],
+    ) -> None:
+        """Overlay peers and published ports. Consul read errors raise (the tick fails); nothing else does."""
+        trusted = {r.gateway for r in networks.values()}
+        if has_bridge:
+            nodes = self.objects.nodes()
+            self.sync_overlay(nodes, cfg.service_network)
+            net = ipaddress.IPv4Network(cfg.service_network)
+            for node in nodes:  # the nodes' own addresses on their bridges (reported in their heartbeats)
+                trusted.update(a for a in node.addresses if _in_network(a, net))
+        if declared is None:
+            return  # a stored bundle does not decode: keep the rules as they are
+        if not has_bridge or not any(b.ports for b in declared):
+            text = ""
+        else:
+            heartbeats = [
+                hb
+                for hbs in self.objects.bundle_heartbeats().values()
+                for hb in hbs
+                if hb.node != self.node_id  # this node's own: the ones just computed
+            ]
+            try:
+                ruleset = _portmap.render(declared, heartbeats + own, self.bridge, sorted(trusted))
+            except ValueError as e:
+                self._report_once("ports", str(e), logging.ERROR, "published ports: %s", e)
+                return
+            self._report_once(
+                "ports-problems", ruleset.problems, logging.WARNING, "published ports: %s", "; ".join(ruleset.problems)
+            )
+            text = ruleset.text
+        self.apply_ports(text)
+
+    def apply_ports(self, text: str) -> None:
+        """Load the ruleset when it changed; log once per distinct failure and retry on the next tick."""
+        try:
+            if _portmap.apply_ruleset(text, self.applied_ports, nft=self.nft):
+                log.info("published ports: %s", "ruleset loaded" if text else "no rules (tables removed)")
+        except _portmap.NftMissing as e:
+            if not text:  # without nft there are no tables to remove either
+                self.applied_ports = text
+                return
+            self._report_once("ports", "missing", logging.WARNING, "published ports are not set: %s", e)
+            return
+        except Exception as e:  # never let the ports stop the heartbeats
+            detail = str(e) if isinstance(e, _portmap.NftError) else f"{type(e).__name__}: {e}"
+            self._report_once("ports", detail, logging.ERROR, "published ports: nft failed: %s; retrying", detail)
+            return
+        self.applied_ports = text
+        if self._reported.get("ports"):
+            log.info("published ports: loaded again")
+        self._report_once("ports", None, logging.INFO, "")
+
+    def sync_overlay(self, nodes: list[m.Node], service_network: str) -> None:
+        try:
+            from ansible_collections.cerana.platform.plugins.module_utils import _bundle_netio
+
+            done = _bundle_netio.sync_overlay(nodes, self.node_id, service_network)
+        except Exception as e:  # never let the overlay stop the heartbeats
+            detail = f"{type(e).__name__}: {e}"
+            self._report_once("overlay", detail, logging.ERROR, "overlay peers not synced: %s", detail)
+            return
+        self._report_once("overlay", None, logging.INFO, "")
+        if done.get("added") or done.get("removed"):
+            log.info("overlay peers: added %s, removed %s", done.get("added"), done.get("removed"))
 
     def lost_contact(self) -> None:
         """After an outage, re-read which heartbeat keys exist instead of trusting memory."""
@@ -201,6 +330,13 @@ class NodeTick:
             log.info("stopped; this node's keys and sessions are removed")
         except _store.StoreError as e:
             log.warning("stopping: could not remove this node's keys (%s); they expire with their TTL", e)
+
+
+def _in_network(text: str, net: ipaddress.IPv4Network) -> bool:
+    try:
+        return ipaddress.ip_address(text) in net
+    except ValueError:
+        return False
 
 
 def run(

@@ -167,3 +167,27 @@ def test_link_failing_logs_again_when_the_error_changes():
     link, same = core.link_after(link, "failing", "permission denied", 2.0)
     link, other = core.link_after(link, "failing", "rejected", 3.0)
     assert first and other and same is None
+
+
+def test_bundle_heartbeats_carry_the_bundle_network_address():
+    inst = [running("shop", "web"), running("blog", "web")]
+    hbs = core.bundle_heartbeats(NODE, inst, {}, {}, T0, {"shop": "10.240.0.7", "gone": "10.240.0.8"})
+    assert hbs[m.bundle_heartbeat_key("shop", NODE)].address == "10.240.0.7"
+    assert hbs[m.bundle_heartbeat_key("blog", NODE)].address is None  # no network for it here
+    assert m.bundle_heartbeat_key("gone", NODE) not in hbs  # a network without instances sends nothing
+    again = m.BundleHeartbeat.from_json(hbs[m.bundle_heartbeat_key("shop", NODE)].to_json())
+    assert again.address == "10.240.0.7"
+
+
+def test_placed_args_send_default_host_checks_to_the_instance():
+    place = core.Placement("10.240.0.7", "/run/netns/cerana-shop")
+    http = check("http", port=80, path="/health")
+    assert core.placed_args(http, None)["host"] == "127.0.0.1"
+    assert core.placed_args(http, place) == {**http.args, "host": "10.240.0.7"}
+    assert http.args["host"] == "127.0.0.1"  # the check itself is left alone
+    assert core.placed_args(check("tcp", port=5432), place)["host"] == "10.240.0.7"
+    # a host given explicitly is kept
+    assert core.placed_args(check("tcp", port=53, host="192.0.2.1"), place)["host"] == "192.0.2.1"
+    # command and file checks have no host
+    assert core.placed_args(check("command", cmd=["true"]), place) == {"cmd": ["true"]}
+    assert "host" not in core.placed_args(check("file", path="/etc/hostname"), place)

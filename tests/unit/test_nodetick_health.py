@@ -160,3 +160,23 @@ def test_run_check_never_raises():
     )
     assert health.run_check("smoke", {}, 1, started="", now=now) == "unknown health check kind 'smoke'"
     assert health.run_check("command", {"cmd": ["true"]}, 1, started="", now=now) is None
+
+
+NOW = datetime.datetime(2026, 11, 30, 3, 5, 0, tzinfo=datetime.UTC)
+
+
+def test_command_in_a_network_namespace_goes_through_nsenter(tmp_path, monkeypatch):
+    """With a namespace, the command runs as ``nsenter --net=<netns> -- cmd...`` (a stand-in nsenter here)."""
+    seen = tmp_path / "argv"
+    fake = tmp_path / "nsenter"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {seen}\nshift 2\nexec "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(health, "NSENTER", str(fake))
+    check = args("command", cmd=["sh", "-c", "echo not ready; exit 2"])
+    error = health.run_check("command", check, 2, started="2026-11-30T03:04:05Z", now=NOW, netns="/run/netns/x")
+    assert seen.read_text() == "--net=/run/netns/x -- sh -c echo not ready; exit 2\n"
+    assert error == "command 'sh': exit status 2: not ready"
+    # without a namespace nsenter is not used
+    seen.unlink()
+    assert health.run_check("command", args("command", cmd=["true"]), 2, started="", now=NOW) is None
+    assert not seen.exists()

@@ -1100,6 +1100,8 @@ class BundleHeartbeat(_Model):
     """The instances of a bundle on a node, at ``heartbeats/bundles/<bundle>/<node>`` (ephemeral).
 
     ``services`` maps a service id to ``{"state": ..., "health": {check id: error text or null}}``.
+    ``address`` is the bundle network's address of this instance on the node (``eth0`` of
+    its namespace), or null when the bundle has no network there.
     """
 
     KIND = "bundle_heartbeat"
@@ -1107,10 +1109,12 @@ class BundleHeartbeat(_Model):
     node: str
     time: str
     services: dict = dataclasses.field(default_factory=dict)
+    address: str | None = None
 
     @classmethod
     def from_dict(cls, data, path="bundle_heartbeat"):
-        _fields(data, path, {"bundle", "node", "time", "services"}, required=("bundle", "node", "time"))
+        _fields(data, path, {"bundle", "node", "time", "services", "address"}, required=("bundle", "node", "time"))
+        address = _ipv4(data.get("address"), path + ".address", optional=True)
         services = {}
         raw = data.get("services") or {}
         if not isinstance(raw, dict):
@@ -1128,6 +1132,7 @@ class BundleHeartbeat(_Model):
             node=_label(data["node"], path + ".node"),
             time=parse_time(data["time"], path + ".time"),
             services=_ordered(services),
+            address=None if address is None else str(address),
         )
 
     def to_dict(self):
