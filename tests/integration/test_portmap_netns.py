@@ -8,6 +8,9 @@
       ├── cpm-i3 eth0 10.240.0.4   bundle front (connected to web's port 5432)
       └── cpm-i4 eth0 10.240.0.5   bundle other (not connected)
     cpm-cli eth0 192.168.231.2 (a client outside the node)
+    cpm-node2 (a second node): underlay 192.168.232.2 to cpm-node's 192.168.232.1, bridge cerana0
+      │         10.240.0.9/16 with a vxlan port (VNI 42) to cpm-node's bridge
+      └── cpm-i5 eth0 10.240.0.6   bundle web
 
 The rendered ruleset is applied in cpm-node with ``nft`` through ``_portmap.apply_ruleset``
 itself (run in the namespace). The last test runs cerana-node-tick in cpm-node against the
@@ -50,7 +53,9 @@ INSTANCES = {  # netns: (bundle, address)
     "cpm-i3": ("front", "10.240.0.4"),
     "cpm-i4": ("other", "10.240.0.5"),
 }
-ALL_NS = [NODE_NS, CLIENT_NS, *INSTANCES]
+NODE2_NS, NODE2_GATEWAY = "cpm-node2", "10.240.0.9"
+REMOTE = {"cpm-i5": ("web", "10.240.0.6")}  # on cpm-node2
+ALL_NS = [NODE_NS, CLIENT_NS, NODE2_NS, *INSTANCES, *REMOTE]
 HOST_LINK = "cpm-host"
 NODE_ID = "c0ffee00c0ffee00c0ffee00c0ffee00"
 OTHER_NODE = "beef0000beef0000beef0000beef0000"
@@ -207,7 +212,28 @@ class Lab:
             sh("ip", "-n", ns, "addr", "add", f"{address}/16", "dev", "eth0")
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
             sh("ip", "-n", ns, "route", "add", "default", "via", GATEWAY)
-        for ns in INSTANCES:
+        # the second node, joined to the first by a vxlan port on each bridge
+        node2 = ("ip", "-n", NODE2_NS)
+        sh(*node, "link", "add", "under0", "type", "veth", "peer", "name", "under0", "netns", NODE2_NS)
+        for cmd, ip, gateway in ((node, "192.168.232.1", GATEWAY), (node2, "192.168.232.2", NODE2_GATEWAY)):
+            peer = "192.168.232.2" if ip.endswith(".1") else "192.168.232.1"
+            sh(*cmd, "addr", "add", f"{ip}/30", "dev", "under0")
+            sh(*cmd, "link", "set", "under0", "up")
+            sh(*cmd, "link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "4789", "local", ip, "dev", "under0")
+            sh(*cmd, "link", "set", "vx0", "mtu", "1450")
+            sh("bridge", "-n", cmd[2], "fdb", "append", "00:00:00:00:00:00", "dev", "vx0", "dst", peer)
+            if cmd is node2:
+                sh(*cmd, "link", "add", "cerana0", "type", "bridge")
+                sh(*cmd, "addr", "add", f"{gateway}/16", "dev", "cerana0")
+                sh(*cmd, "link", "set", "cerana0", "up")
+            sh(*cmd, "link", "set", "vx0", "master", "cerana0", "up")
+        for ns, (_, address) in REMOTE.items():
+            sh(*node2, "link", "add", ns + "v", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh(*node2, "link", "set", ns + "v", "master", "cerana0", "up")
+            sh("ip", "-n", ns, "addr", "add", f"{address}/16", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "mtu", "1450", "up")
+            sh("ip", "-n", ns, "route", "add", "default", "via", NODE2_GATEWAY)
+        for ns in [*INSTANCES, *REMOTE]:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, ns, str(self.flags)],
                 stdout=subprocess.PIPE,
@@ -252,7 +278,7 @@ def lab(tmp_path_factory):
 
 
 def hb(ns, *errors, node=None):
-    bundle, address = INSTANCES[ns]
+    bundle, address = {**INSTANCES, **REMOTE}[ns]
     return m.BundleHeartbeat(
         bundle=bundle,
         node=node or ns,
@@ -305,6 +331,20 @@ def test_non_public_port_only_from_the_bundle_connected_ones_and_the_node(lab):
     # the public port of the same instance is open to everyone, the non-public one is not published
     assert lab.names("cpm-i4", target, 80, count=1) == ["cpm-i1"]
     assert lab.requests(CLIENT_NS, NODE_UP, 5432, count=1, timeout=3)[0] in ("refused", "timeout")
+
+
+def test_published_port_reaches_an_instance_on_another_node(lab):
+    """DNAT on one node to an instance behind the other node's bridge, over the vxlan port; masquerade brings
+    the replies back; the port filter holds across nodes too."""
+    lab.apply(render(hb("cpm-i1", "failing"), hb("cpm-i5"), hb("cpm-i3"), hb("cpm-i4")))
+    answers = lab.requests(CLIENT_NS, NODE_UP, 8080, count=4)
+    assert answers == [f"cpm-i5 80 {GATEWAY}"] * 4  # the instance saw the first node's bridge address
+    lab.apply(render(hb("cpm-i1"), hb("cpm-i5"), hb("cpm-i3"), hb("cpm-i4")))
+    assert set(lab.names(CLIENT_NS, NODE_UP, 8080)) == {"cpm-i1", "cpm-i5"}
+    remote = REMOTE["cpm-i5"][1]
+    assert lab.names("cpm-i3", remote, 5432, count=1) == ["cpm-i5"]  # front is connected to web's 5432
+    assert lab.requests("cpm-i4", remote, 5432, count=1, timeout=1.5) == ["timeout"]  # other is not
+    assert lab.names("cpm-i4", remote, 80, count=1) == ["cpm-i5"]  # a public port is open
 
 
 def test_removing_everything_removes_the_tables(lab):
