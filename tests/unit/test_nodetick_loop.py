@@ -1,0 +1,82 @@
+"""Parts of the node tick loop that need no Consul: check placement and loading the published ports."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+from ansible_collections.cerana.platform.plugins.module_utils import _models as m
+from ansible_collections.cerana.platform.plugins.module_utils import _store
+from cerana_nodetick import core, loop
+from cerana_nodetick.config import Settings
+
+NOW = datetime.datetime(2026, 11, 30, 3, 5, 0, tzinfo=datetime.UTC)
+
+
+def command_check(*cmd):
+    return m.HealthCheck.from_dict({"id": "c", "kind": "command", "args": {"cmd": list(cmd)}, "interval": 60})
+
+
+def test_a_check_whose_bundle_network_changes_starts_afresh(tmp_path):
+    checks = loop.Checks(1)
+    try:
+        cid = ("shop", "web", "c")
+        check = command_check("true")
+        assert checks.update({cid: (check, "2026-11-30T03:04:05Z", None)}, 0.0, NOW, settle=5) == {cid: None}
+        # same check, now placed in a namespace that does not exist: run again at once, inside it
+        place = core.Placement("10.240.0.7", str(tmp_path / "no-such-netns"))
+        results = checks.update({cid: (check, "2026-11-30T03:04:05Z", place)}, 1.0, NOW, settle=5)
+        assert results[cid] and results[cid].startswith("command 'true':")
+        # unchanged: not due again before its interval
+        assert checks.update({cid: (check, "2026-11-30T03:04:05Z", place)}, 2.0, NOW, settle=5) == results
+        assert cid not in checks.futures
+    finally:
+        checks.close()
+
+
+def ticker(tmp_path):
+    store = _store.Store(_store.ConnectionSettings(address="http://127.0.0.1:1", prefix="t"))
+    tick = loop.NodeTick(Settings(run_dir=tmp_path / "run", data_dir=tmp_path), "n" * 32, store)
+    return tick
+
+
+def fake_nft(tmp_path, exit_code, message=""):
+    path = tmp_path / "nft"
+    calls = tmp_path / "calls"
+    path.write_text(f"#!/bin/sh\ncat >> {calls}\necho '--' >> {calls}\necho '{message}' >&2\nexit {exit_code}\n")
+    path.chmod(0o755)
+    return str(path), calls
+
+
+def test_ports_failures_are_logged_once_and_retried_every_tick(tmp_path, caplog):
+    tick = ticker(tmp_path)
+    tick.nft, calls = fake_nft(tmp_path, 1, "Error: Could not process rule: No such file or directory")
+    caplog.set_level(logging.INFO, logger="cerana_nodetick.loop")
+    text = "table ip cerana {\n}\n"
+    for _ in range(3):
+        tick.apply_ports(text)
+    assert calls.read_text().count("--") == 3  # retried every tick
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["published ports: nft failed: Error: Could not process rule: No such file or directory; retrying"]
+    assert tick.applied_ports is None
+
+    calls.unlink()
+    tick.nft, calls = fake_nft(tmp_path, 0)
+    tick.apply_ports(text)
+    tick.apply_ports(text)  # unchanged: nft is not run again
+    assert calls.read_text().count("--") == 1
+    assert tick.applied_ports == text
+    messages = [r.getMessage() for r in caplog.records]
+    assert "published ports: ruleset loaded" in messages and "published ports: loaded again" in messages
+
+
+def test_a_missing_nft_is_logged_once_and_only_when_there_is_something_to_load(tmp_path, caplog):
+    tick = ticker(tmp_path)
+    tick.nft = str(tmp_path / "no-nft")
+    caplog.set_level(logging.INFO, logger="cerana_nodetick.loop")
+    tick.apply_ports("")  # nothing to load and no nft: nothing to say
+    assert caplog.records == []
+    for _ in range(3):
+        tick.apply_ports("table ip cerana {\n}\n")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "published ports are not set" in warnings[0] and "no-nft" in warnings[0]
