@@ -220,6 +220,9 @@ def create_node(node: Node, gateway: str, bridge: str) -> None:
     run(["ip", "-n", ns, "addr", "add", str(node.address), "dev", "eth0"])
     run(["ip", "-n", ns, "link", "set", "eth0", "up"])
     run(["ip", "-n", ns, "route", "add", "default", "via", gateway])
+    # A node routes for the bundle networks it hosts; nspawn mounts /proc/sys read-only in the
+    # machine, so the (per-namespace) switch is set here, from outside.
+    run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
 
 
 def write_node_files(netns: str, hosts: str, resolv: str) -> None:

@@ -41,6 +41,9 @@ def nspawn_command(node: Node, rootfs: Path, machine_id: str) -> list[str]:
         f"--hostname={node.name}",
         f"--uuid={machine_id}",
         f"--network-namespace-path={NETNS_RUN / node.netns}",
+        # nspawn keeps CAP_NET_ADMIN from a machine in a given namespace; nodes need it for
+        # their bundle networks (veths, bridges, vxlan) and published ports (nftables).
+        "--capability=CAP_NET_ADMIN",
     ]
 
 
