@@ -70,6 +70,7 @@ class InstanceSpec:
     mounts: tuple  # MountSpec, sorted by mount point
     ports: tuple  # bundle ports (ints), sorted
     run_dir: str
+    netns_path: str | None = None  # the bundle network's namespace file (_bundle_net), None: the node's network
 
     @property
     def unit(self):
@@ -85,8 +86,10 @@ class InstanceSpec:
         return [mt.source for mt in self.mounts if mt.type == "rw"]
 
 
-def build_spec(overlay, service_id, data_dir, run_dir):
+def build_spec(overlay, service_id, data_dir, run_dir, netns_path=None):
     """An InstanceSpec from ``Objects.overlay(bundle)`` (a dict) for one of its services.
+
+    ``netns_path``: the bundle's network namespace on this node (from its network record), if it has one.
 
     Raises SpecError for what this slice cannot run (a VM, a temp dataset).
     """
@@ -130,6 +133,7 @@ def build_spec(overlay, service_id, data_dir, run_dir):
         mounts=tuple(sorted(mounts, key=lambda x: x.mount_point)),
         ports=tuple(sorted(int(p) for p in (overlay.get("ports") or {}))),
         run_dir=run_dir,
+        netns_path=netns_path,
     )
 
 
@@ -311,6 +315,8 @@ def render_unit(spec, entries, bwrap="/usr/bin/bwrap", user=SERVICE_USER, restar
         "KillMode=control-group",
         "TimeoutStopSec=10",
     ]
+    if spec.netns_path is not None:
+        lines.append("NetworkNamespacePath=%s" % spec.netns_path)  # systemd >= 242; bwrap keeps it (no --unshare-net)
     if spec.cpu is not None:
         lines.append("CPUQuota=%d%%" % max(1, round(spec.cpu * 100)))
     if spec.memory is not None:

@@ -20,8 +20,9 @@ description:
   - The service's limits become C(CPUQuota=) (cores x 100%), C(MemoryMax=) and C(TasksMax=). The unit restarts on
     failure; output goes to the journal. After every (re)start the unit records the instance (main pid) in
     C(<run_dir>/bundles/<bundle>/<service>.json), which the node tick reads for heartbeats and health checks.
-  - Network - in this version the instance shares the node's network namespace; bundle network namespaces and
-    published ports are not implemented yet.
+  - Network - when the bundle has a network on this node (the record C(<run_dir>/networks/<bundle>.json) written by
+    M(cerana.platform.bundle_network)), the unit joins the bundle's namespace (C(NetworkNamespacePath=)) and the
+    port check looks at the ports inside it; otherwise the instance shares the node's network namespace.
   - Nothing restarts when nothing changed; a changed unit restarts only this instance.
   - Before anything is written it fails when the dataset is not on the node, when the command is not an
     executable file in the dataset, or (when it would start the instance) when a port of the bundle is already
@@ -29,6 +30,15 @@ description:
     (or none) is put back and the task fails with the journal's last lines.
   - Needs C(bwrap) (bubblewrap >= 0.8), systemd and, for O(state=started) and O(state=stopped), the C(py-consul)
     library for the interpreter that runs the module on the node.
+  - A service with C(kind=vm) runs as the libvirt domain C(cerana-<bundle>_<service>) (QEMU with TCG, never KVM)
+    instead of a unit, booted from its dataset (C(vmlinuz) and C(initrd.img) with C(cmd) as the kernel command
+    line, or C(disk.qcow2)/C(disk.raw) through a fresh qcow2 overlay in C(<data_dir>/vms/<bundle>_<service>/)),
+    with one NIC on O(bridge) carrying the bundle's MAC and address from its network record, and the serial
+    console in C(serial.log) next to the overlay. V(started) also turns autostart on, V(stopped) keeps the domain
+    defined but shut down, V(absent) undefines it and removes its directory. For a VM C(unit), C(unit_path) and
+    C(unit_hash) are null and the diff shows the domain XML. Needs libvirt-python for the module's interpreter,
+    libvirtd and, for disk images, C(qemu-img). Whatever an earlier kind of the same instance left (unit or
+    domain) is removed.
 extends_documentation_fragment:
   - cerana.platform._connection
   - cerana.platform._connection.actiongroup
@@ -77,6 +87,20 @@ options:
     description: Seconds the instance must stay up (same main pid, no restart) after a start for the task to succeed.
     type: float
     default: 1.0
+  libvirt_uri:
+    description: The libvirt connection for VM services (C(kind=vm)).
+    type: str
+    default: qemu:///system
+  bridge:
+    description: The node's bridge a VM's NIC joins (the bridge of M(cerana.platform.bundle_network)).
+    type: str
+    default: cerana0
+  shutdown_timeout:
+    description:
+      - Seconds a VM gets to power off after an ACPI shutdown request (O(state=stopped), restart after a change)
+        before it is destroyed.
+    type: float
+    default: 30.0
 author:
   - Cerana Platform developers (@cerana)
 """
@@ -126,6 +150,31 @@ restarted:
   returned: always
   type: bool
   sample: false
+kind:
+  description: The service's kind (V(container) or V(vm)); null for O(state=absent).
+  returned: always
+  type: str
+  sample: vm
+domain:
+  description: The libvirt domain's name.
+  returned: for a VM
+  type: str
+  sample: cerana-shop_vm
+domain_hash:
+  description: SHA-256 of the domain XML the module rendered (kept in the domain's metadata); null when absent.
+  returned: for a VM
+  type: str
+  sample: sha256:9b1e...
+overlay:
+  description: The qcow2 overlay over the dataset's disk image; null without a disk image or when absent.
+  returned: for a VM
+  type: str
+  sample: /var/lib/cerana/vms/shop_vm/disk.qcow2
+serial_log:
+  description: The file the VM's serial console is written to.
+  returned: for a VM
+  type: str
+  sample: /var/lib/cerana/vms/shop_vm/serial.log
 """
 
 import os
@@ -134,9 +183,10 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.cerana.platform.plugins.module_utils import _instances
+from ansible_collections.cerana.platform.plugins.module_utils import _bundle_net, _instances
 from ansible_collections.cerana.platform.plugins.module_utils import _models as m
 from ansible_collections.cerana.platform.plugins.module_utils import _service_units as su
+from ansible_collections.cerana.platform.plugins.module_utils import _vm as vmu
 from ansible_collections.cerana.platform.plugins.module_utils._ansible import CONNECTION_ARGSPEC, store_from_module
 from ansible_collections.cerana.platform.plugins.module_utils._files import atomic_write, read_text, remove_file
 from ansible_collections.cerana.platform.plugins.module_utils._objects import Objects
@@ -156,6 +206,9 @@ ARGUMENT_SPEC = dict(
     run_dir=dict(type="path", default="/run/cerana"),
     unit_dir=dict(type="path", default="/etc/systemd/system"),
     settle=dict(type="float", default=1.0),
+    libvirt_uri=dict(type="str", default="qemu:///system"),
+    bridge=dict(type="str", default="cerana0"),
+    shutdown_timeout=dict(type="float", default=30.0),
     **CONNECTION_ARGSPEC,
 )
 
@@ -201,7 +254,37 @@ def load_spec(module):
     if stored is None:
         raise InstanceError("bundle %s is not declared" % bundle_id)
     overlay = objects.overlay(stored.obj)
-    return su.build_spec(overlay, p["service"], p["data_dir"], p["run_dir"])
+    netns_path = bundle_netns(p["run_dir"], bundle_id)
+    return su.build_spec(overlay, p["service"], p["data_dir"], p["run_dir"], netns_path=netns_path)
+
+
+def bundle_netns(run_dir, bundle_id):
+    """The bundle's network namespace file on this node (from its network record), or None."""
+    try:
+        network = _bundle_net.read_network(run_dir, bundle_id)
+    except m.ValidationError as e:
+        raise InstanceError("the network record of bundle %s cannot be read: %s" % (bundle_id, e)) from None
+    if network is None:
+        return None
+    if not os.path.exists(network.netns_path):
+        raise InstanceError(
+            "the network namespace %s of bundle %s is missing; run cerana.platform.bundle_network for it first"
+            % (network.netns_path, bundle_id)
+        )
+    return network.netns_path
+
+
+def listening_in(module, netns_path):
+    """Like _systemd.listening(), but the sockets of the network namespace ``netns_path``."""
+    nsenter = module.get_bin_path("nsenter", required=True)
+    out = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        rc, text, err = module.run_command([nsenter, "--net=" + netns_path, "cat", name])
+        if rc != 0 and name.endswith("tcp"):
+            raise InstanceError("cannot read the ports in %s: %s" % (netns_path, (err or text).strip()))
+        for port, inodes in su.parse_proc_net_tcp(text if rc == 0 else "").items():
+            out.setdefault(port, set()).update(inodes)
+    return out
 
 
 def preflight(module, spec):
@@ -272,7 +355,8 @@ def run(module):
         want_active = p["state"] == "started"
         changed = before != after or status["active"] != want_active or status["enabled"] != want_active
         if want_active and (before != after or not status["active"]):
-            taken = su.taken_ports(spec.ports, listening(), bundle_socket_inodes(spec.bundle))
+            ports = listening() if spec.netns_path is None else listening_in(module, spec.netns_path)
+            taken = su.taken_ports(spec.ports, ports, bundle_socket_inodes(spec.bundle))
             if taken:
                 raise InstanceError(
                     "port%s %s of bundle %s already in use on this node" % (
@@ -353,10 +437,89 @@ def rollback(sd, unit, unit_path, before, was_active, p):
         sd.run("start", unit, check=False)
 
 
+# ---------------------------------------------------------------------------
+# kind: vm (plugins/module_utils/_vm.py; docs/services.md "VM services")
+
+
+def service_overlay(module):
+    """(the bundle overlay, the service's kind) from Consul."""
+    p = module.params
+    objects = Objects(store_from_module(module))
+    bundle_id = m._label(p["bundle"], "bundle")
+    m._label(p["service"], "service")
+    stored = objects.get("bundle", bundle_id)
+    if stored is None:
+        raise InstanceError("bundle %s is not declared" % bundle_id)
+    overlay = objects.overlay(stored.obj)
+    return overlay, (overlay["services"].get(p["service"]) or {}).get("kind", "container")
+
+
+def as_absent(module, fn, *args):
+    """``fn(module, *args)`` with state absent: removes what an earlier kind of the instance left."""
+    state = module.params["state"]
+    module.params["state"] = "absent"
+    try:
+        return fn(module, *args)
+    finally:
+        module.params["state"] = state
+
+
+def run_vm(module, overlay, place):
+    """The VM instance at ``place`` to the task's state; ``overlay`` is None for absent (Consul is not read)."""
+    p = module.params
+    conn = vmu.open_connection(p["libvirt_uri"])
+    try:
+        spec = place
+        if overlay is not None:
+            spec = vmu.node_spec(conn, overlay, place.service, p["data_dir"], p["run_dir"], p["bridge"], p["state"])
+        result = vmu.ensure_vm(
+            conn, spec, p["state"], module.check_mode, shutdown_timeout=p["shutdown_timeout"], settle=p["settle"]
+        )
+    except vmu.libvirt.libvirtError as e:
+        raise InstanceError("libvirt (%s): %s" % (p["libvirt_uri"], e)) from None
+    finally:
+        conn.close()
+    diff = result.pop("diff")
+    if module._diff:
+        result["diff"] = dict(diff, before_header=place.name, after_header=place.name)
+    result.update(kind="vm", unit=None, unit_path=None, unit_hash=None)
+    return result
+
+
+def dispatch(module):
+    """Containers: run(); VMs: run_vm(). What an earlier kind of the same instance left is removed first.
+
+    A VM instance is known by its directory ``<data_dir>/vms/<bundle>_<service>``, so nodes
+    without VMs need no libvirt, even for absent.
+    """
+    p = module.params
+    place = vmu.VmPlace(m._label(p["bundle"], "bundle"), m._label(p["service"], "service"), p["data_dir"], p["run_dir"])
+    had_vm = os.path.isdir(place.vm_dir)
+    if p["state"] == "absent":
+        result = run(module)
+        result["kind"] = None
+        if had_vm:
+            vm = run_vm(module, None, place)
+            result.update({k: vm[k] for k in ("domain", "domain_hash", "overlay", "serial_log")})
+            result["changed"] = result["changed"] or vm["changed"]
+        return result
+    overlay, kind = service_overlay(module)
+    if kind == "vm":
+        unit_path = os.path.join(p["unit_dir"], su.unit_name(place.bundle, place.service))
+        old = as_absent(module, run) if os.path.exists(unit_path) else None
+        result = run_vm(module, overlay, place)
+    else:
+        old = as_absent(module, run_vm, None, place) if had_vm else None
+        result = run(module)
+        result["kind"] = "container"
+    result["changed"] = result["changed"] or bool(old and old["changed"])
+    return result
+
+
 def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     try:
-        result = run(module)
+        result = dispatch(module)
     except InstanceError as e:
         module.fail_json(msg=str(e), **e.extra)
     except su.SpecError as e:

@@ -1,0 +1,304 @@
+"""``cerana.platform.bundle_network`` on a 2-node nspawn lab: namespaces, veth pairs, leases and the vxlan overlay.
+
+Real pieces: two ``cerana lab`` nspawn machines (systemd, own network namespaces, on one lab
+bridge), a Consul dev agent that also answers on the lab bridge, and the module run through
+``ansible-playbook`` with the lab inventory (the nspawn connection). The machines'
+``/usr/bin/python3`` gets py-consul and pyroute2 copied from the test venv (on real nodes the
+module would run with the node tick's venv). The nodes' ``nodes/<id>`` entries are written by
+the test (as the node tick would), so each node knows the other as its overlay peer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+import netlab
+from ansible_collections.cerana.platform.plugins.module_utils import _bundle_net as bn
+from ansible_collections.cerana.platform.plugins.module_utils import _models as m
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+if os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "systemd-nspawn", "debootstrap", "nsenter")):
+    pytest.skip("needs root, iproute2, systemd-container and debootstrap", allow_module_level=True)
+
+BIN = Path(sys.executable).parent
+NODES = ("node1", "node2")
+# py-consul and what it imports, and pyroute2 (pure Python), copied into the machines' python3 (same 3.11)
+PY_PACKAGES = ("consul", "requests", "urllib3", "idna", "charset_normalizer", "certifi", "pyroute2")
+PORT = 7000
+LISTENER = (
+    "import socket\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('0.0.0.0', %d)); s.listen()\n"
+    "while True:\n"
+    "    c, peer = s.accept(); c.sendall(('hello %%s from b\\n' %% peer[0]).encode()); c.close()\n" % PORT
+)
+CLIENT = "import socket, sys; print(socket.create_connection((sys.argv[1], %d), timeout=3).recv(100).decode())" % PORT
+
+
+def free_subnet() -> str:
+    used = netlab_networks()
+    for third in range(3, 250, 11):
+        net = IPv4Network(f"10.236.{third}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return str(net)
+    raise RuntimeError("no free 10.236.x.0/24 subnet")
+
+
+def netlab_networks() -> list[IPv4Network]:
+    nets = []
+    for args in (["-4", "addr", "show"], ["-4", "route", "show", "table", "all"]):
+        for item in json.loads(subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True).stdout):
+            nets += [IPv4Network(f"{a['local']}/{a['prefixlen']}", strict=False) for a in item.get("addr_info", [])]
+            if item.get("dst") not in (None, "default"):
+                try:
+                    nets.append(IPv4Network(item["dst"], strict=False))
+                except ValueError:
+                    pass
+    return [n for n in nets if n.prefixlen > 0]
+
+
+def lab_cli(*args: str, timeout: float = 300) -> str:
+    proc = subprocess.run([sys.executable, "-m", "cerana_lab", *args], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@dataclass
+class Lab:
+    name: str
+    work: Path
+    consul: netlab.BridgeConsul
+    prefix: str
+    nodes: dict  # name -> {"leader_pid", "machine_id", "address", "netns"}
+    first: dict | None = None  # the results of the first present run
+
+    def sh(self, node: str, script: str, check: bool = True, input: bytes | None = None) -> str:
+        proc = subprocess.run(
+            ["nsenter", "-t", str(self.nodes[node]["leader_pid"]), "-a", "/bin/sh", "-c", script],
+            input=input, capture_output=True, check=False, timeout=60,
+        )  # fmt: skip
+        if check:
+            assert proc.returncode == 0, f"{node}: {script}: {proc.stderr.decode()}"
+        return proc.stdout.decode().strip()
+
+    def put_tree(self, node: str, src: Path, dest: str) -> None:
+        tar = subprocess.run(["tar", "-C", str(src), "-c", "."], capture_output=True, check=True).stdout
+        self.sh(node, f"mkdir -p {dest} && tar -C {dest} -x --no-same-owner", input=tar)
+
+    def kv_put(self, key: str, value: bytes) -> None:
+        netlab.kv_put(self.consul, self.prefix, key, value.decode())
+
+    def keys(self, below: str) -> list[str]:
+        return sorted(e["Key"][len(self.prefix) + 1 :] for e in netlab.kv_list(self.consul, self.prefix, below))
+
+    def leases(self) -> dict:
+        return netlab.leases(self.consul, self.prefix, pool=bn.POOL)
+
+    def play(self, tasks: list[dict], hosts: tuple[str, ...] = NODES, *flags: str) -> dict:
+        """Run the tasks (bundle_network args, ``_check`` for check mode; errors ignored) on ``hosts``.
+
+        Returns {(host, task name ``t<i>``): result with ``failed``}.
+        """
+        tag = uuid.uuid4().hex[:6]
+        body = []
+        for i, args in enumerate(tasks):
+            args = {"consul_url": self.consul.bridge_addr, "kv_prefix": self.prefix, **args}
+            check = args.pop("_check", False)
+            body.append({"name": f"t{i}", "cerana.platform.bundle_network": args, "ignore_errors": True,
+                         "check_mode": check})  # fmt: skip
+        play = self.work / f"play-{tag}.yml"
+        play.write_text(json.dumps([{"hosts": ",".join(hosts), "gather_facts": False, "tasks": body}]))
+        record = self.work / f"play-{tag}.jsonl"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONSUL_", "CERANA_", "ANSIBLE_"))}
+        env.update(
+            ANSIBLE_NOCOLOR="1", ANSIBLE_PIPELINING="1", ANSIBLE_CALLBACKS_ENABLED="record_results",
+            CERANA_TEST_RECORD=str(record),
+            ANSIBLE_CALLBACK_PLUGINS=str(Path(__file__).parent / "playbooks" / "callback_plugins"),
+            PATH=f"{BIN}{os.pathsep}{env.get('PATH', os.defpath)}",
+        )  # fmt: skip
+        proc = subprocess.run(
+            [str(BIN / "ansible-playbook"), "-i", str(self.work / "inventory.json"), str(play), *flags],
+            capture_output=True, text=True, env=env, timeout=180,
+        )  # fmt: skip
+        lines = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+        out = {(r["host"], r["task"]): dict(r["result"], failed=r["status"] == "failed") for r in lines}
+        assert len(out) == len(tasks) * len(hosts), f"missing results:\n{proc.stdout}\n{proc.stderr}"
+        return out
+
+    def forwarding(self, node: str) -> None:
+        """net.ipv4.ip_forward=1 in the machine's network namespace, set from the host (its /proc/sys is read-only)."""
+        subprocess.run(["ip", "netns", "exec", self.nodes[node]["netns"], "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                       check=True, capture_output=True)  # fmt: skip
+
+    def state(self, node: str, bundle: str) -> dict:
+        """What is on the node for ``bundle``: namespace file, host veth, record, and the node's own devices."""
+        veth = bn.host_veth_name(bundle)
+        return {
+            "netns": self.sh(node, f"test -e /run/netns/cerana-{bundle} && echo yes || echo no") == "yes",
+            "veth": self.sh(node, f"ip link show {veth} >/dev/null 2>&1 && echo yes || echo no") == "yes",
+            "record": self.sh(node, f"cat /run/cerana/networks/{bundle}.json 2>/dev/null || true") or None,
+            "bridge": self.sh(node, "ip link show cerana0 >/dev/null 2>&1 && echo yes || echo no") == "yes",
+            "vxlan": self.sh(node, "ip link show cerana-vx >/dev/null 2>&1 && echo yes || echo no") == "yes",
+        }
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    name = "bn" + uuid.uuid4().hex[:5]
+    subnet = free_subnet()
+    bridge_ip = str(IPv4Network(subnet).network_address + 1)
+    work = tmp_path_factory.mktemp("bnlab")
+    consul = None
+    try:
+        lab_cli("up", "--name", name, "--nodes", str(len(NODES)), "--kind", "nspawn", "--subnet", subnet)
+        (work / "inventory.json").write_text(lab_cli("inventory", "--name", name, "--format", "json"))
+        state = json.loads(Path(f"/run/cerana-lab/{name}/state.json").read_text())
+        nodes = {n["name"]: dict(n, address=n["address"].split("/")[0]) for n in state["nodes"]}
+        consul = netlab.BridgeConsul(bridge_ip).start()
+        the_lab = Lab(name, work, consul, "bnlab-" + uuid.uuid4().hex[:6], nodes)
+        site = Path(__import__("consul").__file__).resolve().parents[1]
+        pkgs = work / "pkgs"
+        for pkg in PY_PACKAGES:
+            shutil.copytree(site / pkg, pkgs / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        for node in NODES:
+            the_lab.put_tree(node, pkgs, "/usr/local/lib/python3.11/dist-packages")
+            # the node tick's entry, so that the other node is a peer of the overlay
+            entry = m.Node.from_dict({
+                "id": nodes[node]["machine_id"], "hostname": node, "heartbeat": m.format_time(m.utc_now()),
+                "addresses": [nodes[node]["address"]],
+            })  # fmt: skip
+            the_lab.kv_put(m.node_key(entry.id), entry.to_bytes())
+        the_lab.forwarding("node1")  # node2's is set by test_failures_leave_nothing
+        for bundle in ("a", "b"):
+            the_lab.kv_put(m.object_key("bundle", bundle), m.Bundle.from_dict({"id": bundle}).to_bytes())
+        yield the_lab
+    finally:
+        if consul is not None:
+            consul.stop()
+        lab_cli("down", "--name", name)
+
+
+NOTHING = {"netns": False, "veth": False, "record": None, "bridge": False, "vxlan": False}
+
+
+def test_check_mode_and_bad_input_change_nothing(lab):
+    out = lab.play([{"bundle": "a", "_check": True}, {"bundle": "nope", "_check": True}, {"bundle": "nope"},
+                    {"bundle": "a", "vni": 1 << 24}], ("node1",))  # fmt: skip
+    check = out[("node1", "t0")]
+    assert not check["failed"] and check["changed"], check
+    assert check["address"] is None and check["netns"] == "cerana-a"
+    assert check["peers"] == [lab.nodes["node2"]["address"]]
+    assert "create bridge cerana0" in check["actions"] and "create network namespace cerana-a" in check["actions"]
+    for task in ("t1", "t2"):
+        assert out[("node1", task)]["failed"] and out[("node1", task)]["msg"] == "bundle nope is not declared"
+    assert out[("node1", "t3")]["failed"] and out[("node1", "t3")]["msg"].startswith("vni: must be 1-16777215")
+    assert out[("node1", "t3")]["field"] == "vni"
+    assert lab.state("node1", "a") == NOTHING and lab.state("node1", "nope") == NOTHING
+    assert lab.keys("service/") == []
+
+
+def test_failures_leave_nothing(lab):
+    # An nspawn machine cannot write /proc/sys/net: with forwarding off, the module fails before any change.
+    out = lab.play([{"bundle": "b"}], ("node2",))
+    res = out[("node2", "t0")]
+    assert res["failed"] and res["msg"].startswith("net.ipv4.ip_forward is 0 on this node and cannot be set"), res
+    assert lab.state("node2", "b") == NOTHING and lab.keys("service/") == []
+    lab.forwarding("node2")
+    # A failure at the last step (the record directory is read-only), after the leases were taken and the
+    # bridge, vxlan, namespace and veth pair were made, undoes all of them.
+    records = "/run/cerana/networks"
+    lab.sh("node2", f"mkdir -p {records} && mount --bind {records} {records} && mount -o remount,bind,ro {records}")
+    try:
+        out = lab.play([{"bundle": "b"}], ("node2",))
+    finally:
+        lab.sh("node2", f"umount {records}")
+    res = out[("node2", "t0")]
+    assert res["failed"] and res["msg"] == f"write {records}/b.json failed: Read-only file system", res
+    assert lab.state("node2", "b") == NOTHING
+    assert lab.keys("service/") == []  # both leases and their MAC index entries are gone
+
+
+def test_present_connects_bundles_across_nodes(lab):
+    out = lab.play([{"bundle": "a"}, {"bundle": "b"}])
+    results = {}
+    for node in NODES:
+        for task, bundle in (("t0", "a"), ("t1", "b")):
+            res = out[(node, task)]
+            assert not res["failed"] and res["changed"], res
+            results[(node, bundle)] = res
+            record = json.loads(lab.state(node, bundle)["record"])
+            assert record == res["record"] == {
+                "bundle": bundle, "netns": f"cerana-{bundle}", "address": res["address"], "prefix_len": 16,
+                "gateway": res["gateway"], "mac": bn.bundle_mac(bundle, lab.nodes[node]["machine_id"]),
+                "host_veth": bn.host_veth_name(bundle),
+            }  # fmt: skip
+            assert IPv4Address(res["address"]) in IPv4Network("10.240.0.0/16")
+            inside = lab.sh(node, f"ip -n cerana-{bundle} -4 -o addr show dev eth0; ip -n cerana-{bundle} route")
+            assert f"inet {res['address']}/16" in inside and f"default via {res['gateway']} dev eth0" in inside
+        ports = lab.sh(node, "ip -o link show master cerana0 | cut -d: -f2 | cut -d@ -f1 | tr -d ' ' | sort")
+        assert ports.split() == sorted(["cerana-vx", bn.host_veth_name("a"), bn.host_veth_name("b")])
+        other = lab.nodes["node2" if node == "node1" else "node1"]["address"]
+        assert lab.sh(node, "bridge fdb show dev cerana-vx | grep ^00:00:00:00:00:00") == (
+            f"00:00:00:00:00:00 dst {other} self permanent")  # fmt: skip
+    # one gateway per node, the same for both bundles; every address distinct; all leased in Consul
+    gateways = {n: {results[(n, b)]["gateway"] for b in "ab"} for n in NODES}
+    assert all(len(g) == 1 for g in gateways.values()) and gateways["node1"] != gateways["node2"]
+    addresses = [r["address"] for r in results.values()] + [g.pop() for g in gateways.values()]
+    assert len(set(addresses)) == 6
+    leases = lab.leases()
+    assert sorted(leases) == sorted(addresses) and all(v["state"] == "bound" for v in leases.values())
+
+    # bundle b on node2 listens; bundle a on node1 connects to it over the vxlan
+    lab.sh("node2", "systemd-run --unit=bn-listen -p NetworkNamespacePath=/run/netns/cerana-b "
+                    f"/usr/bin/python3 -c {shlex.quote(LISTENER)}")  # fmt: skip
+    try:
+        b_addr, a_addr = results[("node2", "b")]["address"], results[("node1", "a")]["address"]
+        got = netlab.wait_for(
+            lambda: lab.sh("node1", f"ip netns exec cerana-a python3 -c {shlex.quote(CLIENT)} {b_addr}", check=False),
+            30, "a connection from a@node1 to b@node2",
+        )  # fmt: skip
+        assert got == f"hello {a_addr} from b"  # no NAT: b sees a's own address
+        # the listener is in b's namespace only: not on node2's own addresses
+        node2_ip = lab.nodes["node2"]["address"]
+        refused = lab.sh("node1", f"python3 -c {shlex.quote(CLIENT)} {node2_ip} 2>&1", check=False)
+        assert "refused" in refused.lower(), refused
+    finally:
+        lab.sh("node2", "systemctl stop bn-listen", check=False)
+    lab.first = out
+
+
+def test_second_run_changes_nothing_and_absent_leaves_nothing(lab):
+    out = lab.play([{"bundle": "a"}, {"bundle": "b"}, {"bundle": "a", "state": "absent", "_check": True},
+                    {"bundle": "a", "state": "absent"}, {"bundle": "b", "state": "absent"}])  # fmt: skip
+    for node in NODES:
+        for task in ("t0", "t1"):
+            res = out[(node, task)]
+            assert not res["failed"] and not res["changed"] and res["actions"] == [], res
+            assert res["address"] == lab.first[(node, task)]["address"]
+        # the check-mode removal predicted the actions and did nothing: the real one still had them to do
+        check, real = out[(node, "t2")], out[(node, "t3")]
+        assert check["changed"] and real["changed"] and check["actions"] == real["actions"], (check, real)
+        assert real["actions"][:2] == [f"delete {bn.host_veth_name('a')}", "delete network namespace cerana-a"]
+        assert not out[(node, "t4")]["failed"] and out[(node, "t4")]["changed"]
+        for bundle in "ab":
+            assert lab.state(node, bundle) == dict(NOTHING, bridge=True, vxlan=True)  # the node's devices stay
+        assert lab.sh(node, "ip -o link show master cerana0 | cut -d: -f2 | cut -d@ -f1 | tr -d ' '") == "cerana-vx"
+        assert lab.sh(node, "ls /run/netns 2>/dev/null || true") == ""
+    # only the two bridges' leases (and their MAC index entries) remain
+    bridge_macs = sorted(bn.bridge_mac(lab.nodes[n]["machine_id"]) for n in NODES)
+    assert sorted(v["mac"] for v in lab.leases().values()) == bridge_macs
+    assert [k.rsplit("/", 1)[1] for k in lab.keys("service/macs/")] == bridge_macs
+    again = lab.play([{"bundle": "a", "state": "absent"}, {"bundle": "b", "state": "absent"}])
+    assert all(not r["failed"] and not r["changed"] for r in again.values()), again
