@@ -17,12 +17,9 @@ linux-image package fetched with ``apt-get download`` into a cache directory).
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from cerana_cli.consul_agent import ConsulAgent
+from libvirt_helpers import find_kernel, libvirt_daemons, static_busybox
 
 pytestmark = [pytest.mark.integration]
 
@@ -45,7 +43,6 @@ KNOWN_MAC = "52:54:00:98:00:50"
 VM_NAME = "cnb-netboot"
 MARKER = "CERANA-NETBOOT-MARKER"
 VM_TIMEOUT = float(os.environ.get("CERANA_NETBOOT_TIMEOUT", "240"))
-CACHE = Path(os.environ.get("CERANA_NETBOOT_CACHE", "/var/tmp/cerana-netboot-cache"))
 NEEDS = [shutil.which("ip"), shutil.which("tftp"), shutil.which("curl")]
 
 
@@ -91,40 +88,6 @@ def wait_for(predicate, timeout, what):
 
 
 # -- boot assets ----------------------------------------------------------------------------
-
-
-def find_kernel():
-    """A bootable x86-64 kernel: the host's, or Debian's linux-image package's (cached)."""
-    for path in sorted(glob.glob("/boot/vmlinuz-*")) + sorted(glob.glob(str(CACHE / "boot" / "vmlinuz-*"))):
-        return Path(path)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    deps = sh("apt-cache", "depends", "linux-image-amd64", check=False).stdout.split()
-    pkgs = [d for d in deps if d.startswith("linux-image-") and d[12:13].isdigit()]
-    if not pkgs:
-        return None
-    got = subprocess.run(["apt-get", "download", pkgs[0]], cwd=CACHE, capture_output=True, timeout=300)
-    debs = sorted(CACHE.glob(pkgs[0] + "_*.deb"))
-    if got.returncode != 0 or not debs:
-        return None
-    tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(debs[0])], stdout=subprocess.PIPE)
-    subprocess.run(["tar", "-x", "-C", str(CACHE), "--wildcards", "./boot/vmlinuz-*"], stdin=tar.stdout, check=True)
-    tar.wait()
-    debs[0].unlink()
-    return next(iter(sorted((CACHE / "boot").glob("vmlinuz-*"))), None)
-
-
-def static_busybox():
-    """Debian's busybox-static, unpacked into the cache (not installed: it would replace the host's busybox)."""
-    path = CACHE / "bbs" / "bin" / "busybox"
-    if path.exists():
-        return path
-    CACHE.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(["apt-get", "download", "busybox-static"], cwd=CACHE, capture_output=True).returncode != 0:
-        return None
-    deb = sorted(CACHE.glob("busybox-static_*.deb"))[0]
-    sh("dpkg", "-x", str(deb), str(CACHE / "bbs"))
-    deb.unlink()
-    return path
 
 
 INIT = (
@@ -318,32 +281,6 @@ FIRMWARES = {
     "uefi": dict(machine="q35", mac="52:54:00:98:00:77", rom="\n      <rom enabled='no'/>", script_url=None),
     "bios": dict(machine="pc", mac="52:54:00:98:00:78", rom="", script_url="http://{server}/boot/{mac}.ipxe"),
 }
-
-
-@contextlib.contextmanager
-def libvirt_daemons():
-    """virtlogd + libvirtd started by hand (no systemd); stopped afterwards if this started them."""
-    started = []
-    for name in ("virtlogd", "libvirtd"):
-        if sh("pgrep", "-x", name, check=False).returncode == 0:
-            continue
-        pidfile = Path("/run/%s.pid" % name)
-        sh(name, "-d")
-        wait_for(lambda p=pidfile: p.exists() and p.read_text().strip(), 15, name)
-        started.append((name, int(pidfile.read_text())))
-    try:
-        wait_for(lambda: sh("virsh", "-c", "qemu:///system", "version", check=False).returncode == 0, 30, "libvirtd")
-        yield
-    finally:
-        for _name, pid in reversed(started):
-            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-                deadline = time.monotonic() + wait
-                while time.monotonic() < deadline and os.path.exists("/proc/%d" % pid):
-                    time.sleep(0.1)
-                if not os.path.exists("/proc/%d" % pid):
-                    break
 
 
 @pytest.mark.slow
