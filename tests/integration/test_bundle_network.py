@@ -107,7 +107,8 @@ class Lab:
         return netlab.leases(self.consul, self.prefix, pool=bn.POOL)
 
     def play(self, tasks: list[dict], hosts: tuple[str, ...] = NODES, *flags: str) -> dict:
-        """Run the tasks (bundle_network args, ``_check`` for check mode; errors ignored) on ``hosts``.
+        """Run the tasks (bundle_network args, ``_check`` for check mode, ``_host`` for one host only; errors
+        ignored) on ``hosts``.
 
         Returns {(host, task name ``t<i>``): result with ``failed``}.
         """
@@ -115,9 +116,10 @@ class Lab:
         body = []
         for i, args in enumerate(tasks):
             args = {"consul_url": self.consul.bridge_addr, "kv_prefix": self.prefix, **args}
-            check = args.pop("_check", False)
-            body.append({"name": f"t{i}", "cerana.platform.bundle_network": args, "ignore_errors": True,
-                         "check_mode": check})  # fmt: skip
+            task = {"name": f"t{i}", "ignore_errors": True, "check_mode": args.pop("_check", False)}
+            if "_host" in args:
+                task["when"] = "inventory_hostname == %s" % json.dumps(args.pop("_host"))
+            body.append(dict(task, **{"cerana.platform.bundle_network": args}))
         play = self.work / f"play-{tag}.yml"
         play.write_text(json.dumps([{"hosts": ",".join(hosts), "gather_facts": False, "tasks": body}]))
         record = self.work / f"play-{tag}.jsonl"
@@ -137,9 +139,10 @@ class Lab:
         assert len(out) == len(tasks) * len(hosts), f"missing results:\n{proc.stdout}\n{proc.stderr}"
         return out
 
-    def forwarding(self, node: str) -> None:
-        """net.ipv4.ip_forward=1 in the machine's network namespace, set from the host (its /proc/sys is read-only)."""
-        subprocess.run(["ip", "netns", "exec", self.nodes[node]["netns"], "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+    def forwarding(self, node: str, on: bool = True) -> None:
+        """net.ipv4.ip_forward in the machine's network namespace, set from the host (its /proc/sys is read-only)."""
+        setting = "net.ipv4.ip_forward=%d" % on
+        subprocess.run(["ip", "netns", "exec", self.nodes[node]["netns"], "sysctl", "-qw", setting],
                        check=True, capture_output=True)  # fmt: skip
 
     def state(self, node: str, bundle: str) -> dict:
@@ -180,7 +183,8 @@ def lab(tmp_path_factory):
                 "addresses": [nodes[node]["address"]],
             })  # fmt: skip
             the_lab.kv_put(m.node_key(entry.id), entry.to_bytes())
-        the_lab.forwarding("node1")  # node2's is set by test_failures_leave_nothing
+        for node in NODES:
+            the_lab.forwarding(node)  # as the lab sets it; one test switches it off on node2
         for bundle in ("a", "b"):
             the_lab.kv_put(m.object_key("bundle", bundle), m.Bundle.from_dict({"id": bundle}).to_bytes())
         yield the_lab
@@ -193,41 +197,39 @@ def lab(tmp_path_factory):
 NOTHING = {"netns": False, "veth": False, "record": None, "bridge": False, "vxlan": False}
 
 
-def test_check_mode_and_bad_input_change_nothing(lab):
-    out = lab.play([{"bundle": "a", "_check": True}, {"bundle": "nope", "_check": True}, {"bundle": "nope"},
-                    {"bundle": "a", "vni": 1 << 24}], ("node1",))  # fmt: skip
+def test_check_mode_bad_input_and_failures_change_nothing(lab):
+    # node1: check mode, an undeclared bundle, a bad option, and a failure at the last step (a read-only
+    # records directory) after the leases were taken and the bridge, vxlan, namespace and veth pair were made.
+    # node2: forwarding off, which an nspawn machine cannot change (its /proc/sys is read-only): a failure
+    # before any change.
+    records = "/run/cerana/networks"
+    lab.sh("node1", f"mkdir -p {records} && mount --bind {records} {records} && mount -o remount,bind,ro {records}")
+    lab.forwarding("node2", False)
+    try:
+        out = lab.play([
+            {"bundle": "a", "_check": True, "_host": "node1"}, {"bundle": "nope", "_host": "node1"},
+            {"bundle": "a", "vni": 1 << 24, "_host": "node1"}, {"bundle": "b", "_host": "node1"},
+            {"bundle": "b", "_host": "node2"},
+        ])  # fmt: skip
+    finally:
+        lab.sh("node1", f"umount {records}")
+        lab.forwarding("node2")
     check = out[("node1", "t0")]
     assert not check["failed"] and check["changed"], check
     assert check["address"] is None and check["netns"] == "cerana-a"
     assert check["peers"] == [lab.nodes["node2"]["address"]]
     assert "create bridge cerana0" in check["actions"] and "create network namespace cerana-a" in check["actions"]
-    for task in ("t1", "t2"):
-        assert out[("node1", task)]["failed"] and out[("node1", task)]["msg"] == "bundle nope is not declared"
-    assert out[("node1", "t3")]["failed"] and out[("node1", "t3")]["msg"].startswith("vni: must be 1-16777215")
-    assert out[("node1", "t3")]["field"] == "vni"
-    assert lab.state("node1", "a") == NOTHING and lab.state("node1", "nope") == NOTHING
-    assert lab.keys("service/") == []
-
-
-def test_failures_leave_nothing(lab):
-    # An nspawn machine cannot write /proc/sys/net: with forwarding off, the module fails before any change.
-    out = lab.play([{"bundle": "b"}], ("node2",))
-    res = out[("node2", "t0")]
-    assert res["failed"] and res["msg"].startswith("net.ipv4.ip_forward is 0 on this node and cannot be set"), res
-    assert lab.state("node2", "b") == NOTHING and lab.keys("service/") == []
-    lab.forwarding("node2")
-    # A failure at the last step (the record directory is read-only), after the leases were taken and the
-    # bridge, vxlan, namespace and veth pair were made, undoes all of them.
-    records = "/run/cerana/networks"
-    lab.sh("node2", f"mkdir -p {records} && mount --bind {records} {records} && mount -o remount,bind,ro {records}")
-    try:
-        out = lab.play([{"bundle": "b"}], ("node2",))
-    finally:
-        lab.sh("node2", f"umount {records}")
-    res = out[("node2", "t0")]
+    assert out[("node1", "t1")]["failed"] and out[("node1", "t1")]["msg"] == "bundle nope is not declared"
+    assert out[("node1", "t2")]["failed"] and out[("node1", "t2")]["msg"].startswith("vni: must be 1-16777215")
+    assert out[("node1", "t2")]["field"] == "vni"
+    res = out[("node1", "t3")]
     assert res["failed"] and res["msg"] == f"write {records}/b.json failed: Read-only file system", res
-    assert lab.state("node2", "b") == NOTHING
-    assert lab.keys("service/") == []  # both leases and their MAC index entries are gone
+    res = out[("node2", "t4")]
+    assert res["failed"] and res["msg"].startswith("net.ipv4.ip_forward is 0 on this node and cannot be set"), res
+    for node in NODES:
+        for bundle in ("a", "b", "nope"):
+            assert lab.state(node, bundle) == NOTHING, (node, bundle)
+    assert lab.keys("service/") == []  # the leases node1 took, and their MAC index entries, are gone
 
 
 def test_present_connects_bundles_across_nodes(lab):
@@ -281,6 +283,7 @@ def test_present_connects_bundles_across_nodes(lab):
 
 def test_second_run_changes_nothing_and_absent_leaves_nothing(lab):
     out = lab.play([{"bundle": "a"}, {"bundle": "b"}, {"bundle": "a", "state": "absent", "_check": True},
+                    {"bundle": "a", "state": "absent"}, {"bundle": "b", "state": "absent"},
                     {"bundle": "a", "state": "absent"}, {"bundle": "b", "state": "absent"}])  # fmt: skip
     for node in NODES:
         for task in ("t0", "t1"):
@@ -292,6 +295,8 @@ def test_second_run_changes_nothing_and_absent_leaves_nothing(lab):
         assert check["changed"] and real["changed"] and check["actions"] == real["actions"], (check, real)
         assert real["actions"][:2] == [f"delete {bn.host_veth_name('a')}", "delete network namespace cerana-a"]
         assert not out[(node, "t4")]["failed"] and out[(node, "t4")]["changed"]
+        for task in ("t5", "t6"):  # absent again: nothing to do
+            assert not out[(node, task)]["failed"] and not out[(node, task)]["changed"], out[(node, task)]
         for bundle in "ab":
             assert lab.state(node, bundle) == dict(NOTHING, bridge=True, vxlan=True)  # the node's devices stay
         assert lab.sh(node, "ip -o link show master cerana0 | cut -d: -f2 | cut -d@ -f1 | tr -d ' '") == "cerana-vx"
@@ -300,5 +305,3 @@ def test_second_run_changes_nothing_and_absent_leaves_nothing(lab):
     bridge_macs = sorted(bn.bridge_mac(lab.nodes[n]["machine_id"]) for n in NODES)
     assert sorted(v["mac"] for v in lab.leases().values()) == bridge_macs
     assert [k.rsplit("/", 1)[1] for k in lab.keys("service/macs/")] == bridge_macs
-    again = lab.play([{"bundle": "a", "state": "absent"}, {"bundle": "b", "state": "absent"}])
-    assert all(not r["failed"] and not r["changed"] for r in again.values()), again
