@@ -6,7 +6,8 @@
 """Reading the planner's input (:class:`_planner.ClusterState`) from the store, and the
 ``cluster/applied/<node>`` records the cluster tick keeps.
 
-:func:`read_state` costs two Consul requests, whatever the size of the cluster:
+:func:`read_state` costs two Consul requests, whatever the size of the cluster (plus
+one per tree that comes back empty, to tell an empty tree from one an ACL hides):
 
 1. ``GET <prefix>/?keys&separator=/`` (a few top-level names): its ``X-Consul-Index`` is
    the index of everything under the prefix, deletions included. It is taken *before*
@@ -142,13 +143,30 @@ def read_index(store):
     top-level key listing (a few names, whatever the size of the store). ``_store.Store``
     has no public call returning the index of a plain read, hence ``_call``."""
     resp = store._call("get", "/v1/kv/" + store.prefix, [("keys", ""), ("separator", "/")])
+    if resp.code == 404:
+        store._check_read(store.prefix)  # an empty store, or an ACL hiding everything (403)
     return int(resp.headers.get("X-Consul-Index", 0) or 0)
 
 
 def read_entries(store):
-    """Every entry :func:`read_state` needs, in one read-only transaction."""
-    ops = [{"KV": {"Verb": "get-tree", "Key": key}} for key in _TREES]
-    return store.txn(ops)
+    """Every entry :func:`read_state` needs, in one read-only transaction.
+
+    ACLs filter a transaction's ``get-tree`` results silently: a tree the token may not
+    read looks empty, and a planner shown no bundles would stop them all. So every tree
+    that comes back empty is checked with a plain read of its key, which Consul refuses
+    with 403 when it is hidden (one more request per empty tree, none in a busy cluster).
+    """
+    entries = store.txn([{"KV": {"Verb": "get-tree", "Key": key}} for key in _TREES])
+    found = set()
+    for e in entries:
+        top = e.key.partition("/")[0] + "/"
+        found.add(top)
+        if top == "cluster/":
+            found.add(APPLIED_PREFIX if e.key.startswith(APPLIED_PREFIX) else e.key)
+    for tree in _TREES:
+        if tree not in found:
+            store._check_read(store.prefix + tree)
+    return entries
 
 
 def build_state(entries, now, index=0):
