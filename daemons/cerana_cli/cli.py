@@ -12,6 +12,7 @@ from pathlib import Path
 from cerana_cli import __version__
 from cerana_cli.consul_agent import ConsulAgent, ConsulError, http_request, pid_alive, terminate_pid
 from cerana_cli.plan import register as register_plan
+from cerana_cli.status import register as register_status
 from cerana_lab.cli import register as register_lab
 
 log = logging.getLogger("cerana")
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_lab(groups)
     register_plan(groups)
+    register_status(groups)
     return parser
 
 
