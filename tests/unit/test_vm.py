@@ -301,6 +301,12 @@ def test_open_connection_error():
         vm.open_connection("test:///nonexistent-file.xml")
 
 
+def test_open_connection_without_libvirt_python(monkeypatch):
+    monkeypatch.setattr(vm, "libvirt", None)
+    with pytest.raises(InstanceError, match=re.escape("the libvirt Python binding (libvirt-python) is not installed")):
+        vm.open_connection("qemu:///system")
+
+
 def test_qemu_label_of_the_test_driver_is_none(conn):
     assert vm.qemu_label(conn) is None
 
