@@ -135,7 +135,10 @@ class Lab:
             capture_output=True, text=True, env=env, timeout=180,
         )  # fmt: skip
         lines = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
-        out = {(r["host"], r["task"]): dict(r["result"], failed=r["status"] == "failed") for r in lines}
+        out = {
+            (r["host"], r["task"]): dict(r["result"], failed=r["status"] == "failed", skipped=r["status"] == "skipped")
+            for r in lines
+        }
         assert len(out) == len(tasks) * len(hosts), f"missing results:\n{proc.stdout}\n{proc.stderr}"
         return out
 
@@ -185,7 +188,7 @@ def lab(tmp_path_factory):
             the_lab.kv_put(m.node_key(entry.id), entry.to_bytes())
         for node in NODES:
             the_lab.forwarding(node)  # as the lab sets it; one test switches it off on node2
-        for bundle in ("a", "b"):
+        for bundle in ("a", "b", "v"):
             the_lab.kv_put(m.object_key("bundle", bundle), m.Bundle.from_dict({"id": bundle}).to_bytes())
         yield the_lab
     finally:
@@ -233,7 +236,7 @@ def test_check_mode_bad_input_and_failures_change_nothing(lab):
 
 
 def test_present_connects_bundles_across_nodes(lab):
-    out = lab.play([{"bundle": "a"}, {"bundle": "b"}])
+    out = lab.play([{"bundle": "a"}, {"bundle": "b"}, {"bundle": "v", "namespace": False, "_host": "node1"}])
     results = {}
     for node in NODES:
         for task, bundle in (("t0", "a"), ("t1", "b")):
@@ -257,8 +260,13 @@ def test_present_connects_bundles_across_nodes(lab):
     # one gateway per node, the same for both bundles; every address distinct; all leased in Consul
     gateways = {n: {results[(n, b)]["gateway"] for b in "ab"} for n in NODES}
     assert all(len(g) == 1 for g in gateways.values()) and gateways["node1"] != gateways["node2"]
-    addresses = [r["address"] for r in results.values()] + [g.pop() for g in gateways.values()]
-    assert len(set(addresses)) == 6
+    # bundle v (namespace: false, as for a VM): lease and record, but no namespace and no veth
+    v = out[("node1", "t2")]
+    assert not v["failed"] and v["changed"] and v["netns"] is None and v["host_veth"] is None, v
+    assert json.loads(lab.state("node1", "v")["record"])["address"] == v["address"]
+    assert lab.state("node1", "v") == dict(NOTHING, bridge=True, vxlan=True, record=lab.state("node1", "v")["record"])
+    addresses = [r["address"] for r in results.values()] + [g.pop() for g in gateways.values()] + [v["address"]]
+    assert len(set(addresses)) == 7
     leases = lab.leases()
     assert sorted(leases) == sorted(addresses) and all(v["state"] == "bound" for v in leases.values())
 
@@ -282,22 +290,30 @@ def test_present_connects_bundles_across_nodes(lab):
 
 
 def test_second_run_changes_nothing_and_absent_leaves_nothing(lab):
-    out = lab.play([{"bundle": "a"}, {"bundle": "b"}, {"bundle": "a", "state": "absent", "_check": True},
-                    {"bundle": "a", "state": "absent"}, {"bundle": "b", "state": "absent"},
-                    {"bundle": "a", "state": "absent"}, {"bundle": "b", "state": "absent"}])  # fmt: skip
+    out = lab.play([
+        {"bundle": "a"}, {"bundle": "b"}, {"bundle": "v", "namespace": False, "_host": "node1"},
+        {"bundle": "a", "state": "absent", "_check": True}, {"bundle": "a", "state": "absent"},
+        {"bundle": "b", "state": "absent"}, {"bundle": "v", "state": "absent", "_host": "node1"},
+        {"bundle": "a", "state": "absent"}, {"bundle": "b", "state": "absent"},
+    ])  # fmt: skip
     for node in NODES:
-        for task in ("t0", "t1"):
+        for task in ("t0", "t1", "t2"):
             res = out[(node, task)]
+            if res.get("skipped"):
+                continue
             assert not res["failed"] and not res["changed"] and res["actions"] == [], res
             assert res["address"] == lab.first[(node, task)]["address"]
         # the check-mode removal predicted the actions and did nothing: the real one still had them to do
-        check, real = out[(node, "t2")], out[(node, "t3")]
+        check, real = out[(node, "t3")], out[(node, "t4")]
         assert check["changed"] and real["changed"] and check["actions"] == real["actions"], (check, real)
         assert real["actions"][:2] == [f"delete {bn.host_veth_name('a')}", "delete network namespace cerana-a"]
-        assert not out[(node, "t4")]["failed"] and out[(node, "t4")]["changed"]
-        for task in ("t5", "t6"):  # absent again: nothing to do
+        assert not out[(node, "t5")]["failed"] and out[(node, "t5")]["changed"]
+        for task in ("t7", "t8"):  # absent again: nothing to do
             assert not out[(node, task)]["failed"] and not out[(node, task)]["changed"], out[(node, task)]
-        for bundle in "ab":
+    v = out[("node1", "t6")]
+    assert not v["failed"] and v["changed"] and v["actions"][0] == "remove /run/cerana/networks/v.json", v
+    for node in NODES:
+        for bundle in "abv":
             assert lab.state(node, bundle) == dict(NOTHING, bridge=True, vxlan=True)  # the node's devices stay
         assert lab.sh(node, "ip -o link show master cerana0 | cut -d: -f2 | cut -d@ -f1 | tr -d ' '") == "cerana-vx"
         assert lab.sh(node, "ls /run/netns 2>/dev/null || true") == ""

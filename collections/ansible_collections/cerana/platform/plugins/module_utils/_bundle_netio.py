@@ -616,6 +616,7 @@ class Options:
     mtu: int = bn.MTU
     lease_duration: int = DEFAULT_LEASE_DURATION
     hostname: str = ""
+    namespace: bool = True  # False: address, lease and record only (a VM is the bundle's endpoint)
 
 
 def read_node_id(path="/etc/machine-id"):
@@ -747,7 +748,8 @@ def present(store, opts, check_mode=False):
 
         # Plan once before touching anything: conflicts fail here, with nothing changed.
         plan_node(node_have, wants(None, None)[0])
-        plan_bundle(bundle_have, wants(None, None)[1])
+        if opts.namespace:
+            plan_bundle(bundle_have, wants(None, None)[1])
         applier = Applier(ipr, changes)
         try:
             bridge_lease, _new = _lease(
@@ -760,7 +762,10 @@ def present(store, opts, check_mode=False):
             )  # fmt: skip
             node_want, bundle_want = wants(bridge_lease, bundle_lease)
             applier.apply(plan_node(node_have, node_want))
-            applier.apply(plan_bundle(bundle_have, bundle_want))
+            if opts.namespace:
+                applier.apply(plan_bundle(bundle_have, bundle_want))
+            else:  # a namespace left from an earlier run would hold the address and MAC too
+                applier.apply(plan_absent(bundle_have, opts.bundle))
             after = None
             if bundle_lease is not None and bridge_lease is not None:
                 after = bn.NetworkRecord(
@@ -794,10 +799,10 @@ def present(store, opts, check_mode=False):
         "address": bundle_lease.ip if bundle_lease is not None else None,
         "prefix_len": net.prefixlen,
         "gateway": bridge_lease.ip if bridge_lease is not None else None,
-        "netns": bundle_want.netns,
-        "netns_path": bn.netns_path(bundle_want.netns),
+        "netns": bundle_want.netns if opts.namespace else None,
+        "netns_path": bn.netns_path(bundle_want.netns) if opts.namespace else None,
         "mac": bundle_want.mac,
-        "host_veth": bundle_want.host_veth,
+        "host_veth": bundle_want.host_veth if opts.namespace else None,
         "peers": list(peers),
         "record": after.to_dict() if after is not None else None,
         "before": before.to_dict() if before is not None else None,

@@ -85,6 +85,14 @@ options:
     description: Lease time of the addresses, in seconds or as a duration (V(1d)).
     type: raw
     default: 86400
+  namespace:
+    description:
+      - With V(false), only the node's side, the bundle's lease and its record are made; no namespace and no veth
+        pair (a namespace and veth pair left from an earlier run are removed). For a bundle whose endpoint on the
+        node is a VM (M(cerana.platform.service_instance) with C(kind=vm) puts a NIC with the record's MAC on the
+        bridge). The record still names the namespace and veth, which then do not exist.
+    type: bool
+    default: true
 author:
   - Cerana Platform developers (@cerana)
 """
@@ -118,12 +126,12 @@ gateway:
   type: str
   sample: 10.240.0.9
 netns:
-  description: The network namespace's name.
+  description: The network namespace's name; null with O(namespace=false).
   returned: always
   type: str
   sample: cerana-shop
 netns_path:
-  description: The namespace file (for C(NetworkNamespacePath=) or C(nsenter --net=)).
+  description: The namespace file (for C(NetworkNamespacePath=) or C(nsenter --net=)); null with O(namespace=false).
   returned: always
   type: str
   sample: /run/netns/cerana-shop
@@ -133,7 +141,7 @@ mac:
   type: str
   sample: 02:5e:01:9a:33:c0
 host_veth:
-  description: The node's end of the veth pair.
+  description: The node's end of the veth pair; null with O(namespace=false).
   returned: always
   type: str
   sample: cbn1a2b3c4d5e6f
@@ -178,6 +186,7 @@ ARGUMENT_SPEC = dict(
     vxlan_port=dict(type="int", default=bn.VXLAN_PORT),
     mtu=dict(type="int", default=bn.MTU),
     lease_duration=dict(type="raw", default=bnio.DEFAULT_LEASE_DURATION),
+    namespace=dict(type="bool", default=True),
     **CONNECTION_ARGSPEC,
 )
 
@@ -209,6 +218,7 @@ def options(module):
         mtu=m._int(p["mtu"], "mtu", 576, 65535),
         lease_duration=m._int(m.parse_duration(p["lease_duration"], "lease_duration"), "lease_duration", 60),
         hostname=socket.gethostname(),
+        namespace=p["namespace"],
     )
 
 
