@@ -29,22 +29,46 @@ from ansible_collections.cerana.platform.plugins.module_utils import _models as 
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-if os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "systemd-nspawn", "debootstrap", "nsenter")):
-    pytest.skip("needs root, iproute2, systemd-container and debootstrap", allow_module_level=True)
+if os.geteuid() != 0 or not all(
+    shutil.which(t) for t in ("ip", "systemd-nspawn", "debootstrap", "nsenter", "apt-get", "dpkg-deb")
+):
+    pytest.skip("needs root, iproute2, systemd-container, debootstrap and apt-get", allow_module_level=True)
 
 BIN = Path(sys.executable).parent
 NODES = ("node1", "node2")
 # py-consul and what it imports, and pyroute2 (pure Python), copied into the machines' python3 (same 3.11)
 PY_PACKAGES = ("consul", "requests", "urllib3", "idna", "charset_normalizer", "certifi", "pyroute2")
 PORT = 7000
-LISTENER = (
-    "import socket\n"
+LISTENER = (  # python3 -c LISTENER <port> <name>: answers "hello <client address> from <name>"
+    "import socket, sys\n"
     "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-    "s.bind(('0.0.0.0', %d)); s.listen()\n"
+    "s.bind(('0.0.0.0', int(sys.argv[1]))); s.listen()\n"
     "while True:\n"
-    "    c, peer = s.accept(); c.sendall(('hello %%s from b\\n' %% peer[0]).encode()); c.close()\n" % PORT
+    "    c, peer = s.accept(); c.sendall(('hello %s from %s\\n' % (peer[0], sys.argv[2])).encode()); c.close()\n"
 )
-CLIENT = "import socket, sys; print(socket.create_connection((sys.argv[1], %d), timeout=3).recv(100).decode())" % PORT
+CLIENT = (  # python3 -c CLIENT <address> <port>: prints what the listener says
+    "import socket, sys; print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).recv(99).decode())"
+)
+HTTP_GET = "import sys, urllib.request as u; print(u.urlopen(f'http://{sys.argv[1]}:8080/', timeout=3).read().decode())"
+DEB_CACHE = Path("/var/cache/cerana/test-debs")  # shared with test_service_instance.py
+
+
+def busybox_dataset(work: Path) -> Path:
+    """A busybox-static root serving /www (the service of bundle a), from Debian's package."""
+    DEB_CACHE.mkdir(parents=True, exist_ok=True)
+    debs = sorted(DEB_CACHE.glob("busybox-static_*.deb"))
+    if not debs:
+        subprocess.run(["apt-get", "download", "busybox-static"], cwd=DEB_CACHE, check=True, capture_output=True)
+        debs = sorted(DEB_CACHE.glob("busybox-static_*.deb"))
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(work / "bb")], check=True)
+    root = work / "web-root"
+    (root / "bin").mkdir(parents=True)
+    (root / "www").mkdir()
+    shutil.copy2(work / "bb" / "bin" / "busybox", root / "bin" / "busybox")
+    (root / "www" / "index.html").write_text("hello from a's web\n")
+    for path in (root, root / "bin", root / "www"):
+        path.chmod(0o755)
+    return root
 
 
 def free_subnet() -> str:
@@ -107,8 +131,8 @@ class Lab:
         return netlab.leases(self.consul, self.prefix, pool=bn.POOL)
 
     def play(self, tasks: list[dict], hosts: tuple[str, ...] = NODES, *flags: str) -> dict:
-        """Run the tasks (bundle_network args, ``_check`` for check mode, ``_host`` for one host only; errors
-        ignored) on ``hosts``.
+        """Run the tasks (bundle_network args, ``_check`` for check mode, ``_host`` for one host only,
+        ``_module`` for another module of the collection; errors ignored) on ``hosts``.
 
         Returns {(host, task name ``t<i>``): result with ``failed``}.
         """
@@ -119,7 +143,8 @@ class Lab:
             task = {"name": f"t{i}", "ignore_errors": True, "check_mode": args.pop("_check", False)}
             if "_host" in args:
                 task["when"] = "inventory_hostname == %s" % json.dumps(args.pop("_host"))
-            body.append(dict(task, **{"cerana.platform.bundle_network": args}))
+            module = "cerana.platform." + args.pop("_module", "bundle_network")
+            body.append(dict(task, **{module: args}))
         play = self.work / f"play-{tag}.yml"
         play.write_text(json.dumps([{"hosts": ",".join(hosts), "gather_facts": False, "tasks": body}]))
         record = self.work / f"play-{tag}.jsonl"
@@ -188,8 +213,17 @@ def lab(tmp_path_factory):
             the_lab.kv_put(m.node_key(entry.id), entry.to_bytes())
         for node in NODES:
             the_lab.forwarding(node)  # as the lab sets it; one test switches it off on node2
-        for bundle in ("a", "b", "v"):
-            the_lab.kv_put(m.object_key("bundle", bundle), m.Bundle.from_dict({"id": bundle}).to_bytes())
+        the_lab.put_tree("node1", busybox_dataset(work), "/var/lib/cerana/datasets/web-root")
+        declared = [
+            m.Dataset.from_dict({"id": "web-root", "read_only": True}),
+            m.Service.from_dict({"id": "web", "dataset": "web-root",
+                                 "cmd": ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]}),
+            m.Bundle.from_dict({"id": "a", "services": {"web": {}}, "ports": {"8080": {"port": 8080}}}),
+            m.Bundle.from_dict({"id": "b"}),
+            m.Bundle.from_dict({"id": "v"}),
+        ]  # fmt: skip
+        for obj in declared:
+            the_lab.kv_put(m.object_key(obj.KIND, obj.id), obj.to_bytes())
         yield the_lab
     finally:
         if consul is not None:
@@ -236,7 +270,10 @@ def test_check_mode_bad_input_and_failures_change_nothing(lab):
 
 
 def test_present_connects_bundles_across_nodes(lab):
-    out = lab.play([{"bundle": "a"}, {"bundle": "b"}, {"bundle": "v", "namespace": False, "_host": "node1"}])
+    # node1 itself listens on 8080, the port of bundle a's service: no clash inside a's namespace
+    lab.sh("node1", f"systemd-run --unit=bn-node-8080 /usr/bin/python3 -c {shlex.quote(LISTENER)} 8080 node1")
+    out = lab.play([{"bundle": "a"}, {"bundle": "b"}, {"bundle": "v", "namespace": False, "_host": "node1"},
+                    {"_module": "service_instance", "bundle": "a", "service": "web", "_host": "node1"}])  # fmt: skip
     results = {}
     for node in NODES:
         for task, bundle in (("t0", "a"), ("t1", "b")):
@@ -272,45 +309,61 @@ def test_present_connects_bundles_across_nodes(lab):
 
     # bundle b on node2 listens; bundle a on node1 connects to it over the vxlan
     lab.sh("node2", "systemd-run --unit=bn-listen -p NetworkNamespacePath=/run/netns/cerana-b "
-                    f"/usr/bin/python3 -c {shlex.quote(LISTENER)}")  # fmt: skip
+                    f"/usr/bin/python3 -c {shlex.quote(LISTENER)} {PORT} b")  # fmt: skip
     try:
         b_addr, a_addr = results[("node2", "b")]["address"], results[("node1", "a")]["address"]
-        got = netlab.wait_for(
-            lambda: lab.sh("node1", f"ip netns exec cerana-a python3 -c {shlex.quote(CLIENT)} {b_addr}", check=False),
-            30, "a connection from a@node1 to b@node2",
-        )  # fmt: skip
+        connect = f"ip netns exec cerana-a python3 -c {shlex.quote(CLIENT)} {b_addr} {PORT}"
+        got = netlab.wait_for(lambda: lab.sh("node1", connect, check=False), 30, "a connection from a@node1 to b@node2")
         assert got == f"hello {a_addr} from b"  # no NAT: b sees a's own address
         # the listener is in b's namespace only: not on node2's own addresses
         node2_ip = lab.nodes["node2"]["address"]
-        refused = lab.sh("node1", f"python3 -c {shlex.quote(CLIENT)} {node2_ip} 2>&1", check=False)
+        refused = lab.sh("node1", f"python3 -c {shlex.quote(CLIENT)} {node2_ip} {PORT} 2>&1", check=False)
         assert "refused" in refused.lower(), refused
     finally:
         lab.sh("node2", "systemctl stop bn-listen", check=False)
+
+    # bundle a's service (service_instance) runs in a's namespace: b on node2 reaches it on a's address
+    web = out[("node1", "t3")]
+    assert not web["failed"] and web["active"], web
+    assert "NetworkNamespacePath=/run/netns/cerana-a" in lab.sh("node1", f"cat {web['unit_path']}")
+    get = f"ip netns exec cerana-b python3 -c {shlex.quote(HTTP_GET)} {a_addr}"
+    assert netlab.wait_for(lambda: lab.sh("node2", get, check=False), 30, "a's web from b") == "hello from a's web"
+    node1_ip = lab.nodes["node1"]["address"]
+    got = lab.sh("node2", f"python3 -c {shlex.quote(CLIENT)} {node1_ip} 8080")
+    assert got == f"hello {lab.nodes['node2']['address']} from node1"  # the node's own 8080 is another socket
+    lab.sh("node1", "systemctl stop bn-node-8080")
     lab.first = out
 
 
 def test_second_run_changes_nothing_and_absent_leaves_nothing(lab):
     out = lab.play([
+        {"bundle": "a", "state": "absent", "_host": "node1"},
+        {"_module": "service_instance", "bundle": "a", "service": "web", "state": "absent", "_host": "node1"},
         {"bundle": "a"}, {"bundle": "b"}, {"bundle": "v", "namespace": False, "_host": "node1"},
         {"bundle": "a", "state": "absent", "_check": True}, {"bundle": "a", "state": "absent"},
         {"bundle": "b", "state": "absent"}, {"bundle": "v", "state": "absent", "_host": "node1"},
         {"bundle": "a", "state": "absent"}, {"bundle": "b", "state": "absent"},
     ])  # fmt: skip
+    # the network of a bundle whose instances run on the node is not removed under them
+    refused = out[("node1", "t0")]
+    assert refused["failed"] and refused["msg"] == (
+        "bundle a still runs on this node (services web); remove its service instances first"), refused  # fmt: skip
+    assert not out[("node1", "t1")]["failed"] and out[("node1", "t1")]["changed"]
     for node in NODES:
-        for task in ("t0", "t1", "t2"):
+        for task, first in (("t2", "t0"), ("t3", "t1"), ("t4", "t2")):
             res = out[(node, task)]
-            if res.get("skipped"):
+            if res["skipped"]:
                 continue
             assert not res["failed"] and not res["changed"] and res["actions"] == [], res
-            assert res["address"] == lab.first[(node, task)]["address"]
+            assert res["address"] == lab.first[(node, first)]["address"]
         # the check-mode removal predicted the actions and did nothing: the real one still had them to do
-        check, real = out[(node, "t3")], out[(node, "t4")]
+        check, real = out[(node, "t5")], out[(node, "t6")]
         assert check["changed"] and real["changed"] and check["actions"] == real["actions"], (check, real)
         assert real["actions"][:2] == [f"delete {bn.host_veth_name('a')}", "delete network namespace cerana-a"]
-        assert not out[(node, "t5")]["failed"] and out[(node, "t5")]["changed"]
-        for task in ("t7", "t8"):  # absent again: nothing to do
+        assert not out[(node, "t7")]["failed"] and out[(node, "t7")]["changed"]
+        for task in ("t9", "t10"):  # absent again: nothing to do
             assert not out[(node, task)]["failed"] and not out[(node, task)]["changed"], out[(node, task)]
-    v = out[("node1", "t6")]
+    v = out[("node1", "t8")]
     assert not v["failed"] and v["changed"] and v["actions"][0] == "remove /run/cerana/networks/v.json", v
     for node in NODES:
         for bundle in "abv":
