@@ -340,3 +340,12 @@ def test_overlay_is_fresh_and_backed_by_the_dataset_image(conn, bundle, tmp_path
     ensure(conn, spec.place, "absent")
     assert not os.path.exists(spec.place.vm_dir)
     assert os.path.getsize(spec.disk) == 1 << 20
+
+
+def test_disk_without_qemu_img_fails_before_anything(conn, bundle, tmp_path, monkeypatch):
+    spec = spec_for(tmp_path, bundle=bundle, cmd=[], files={"disk.raw"})
+    monkeypatch.setattr(vm.shutil, "which", lambda _name: None)
+    with pytest.raises(InstanceError, match=re.escape("qemu-img (Debian qemu-utils) is not installed")):
+        ensure(conn, spec, "started")
+    assert spec.name not in conn.listDefinedDomains() and not os.path.exists(spec.place.vm_dir)
+    assert not ensure(conn, spec, "absent")["changed"]

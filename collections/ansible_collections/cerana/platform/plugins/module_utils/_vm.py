@@ -614,6 +614,8 @@ def ensure_vm(conn, spec, state, check_mode, shutdown_timeout=30.0, settle=1.0, 
     if check_mode or not changed:
         result.update(active=want_active if changed else active, main_pid=None if changed else pid)
         return result
+    if want_active and spec.disk and (redefine or not active) and not shutil.which("qemu-img"):
+        raise InstanceError("qemu-img (Debian qemu-utils) is not installed on this node; the VM's disk needs it")
     os.makedirs(place.vm_dir, mode=0o755, exist_ok=True)  # the serial log's directory, the overlay's
 
     if not want_active:
@@ -640,7 +642,7 @@ def ensure_vm(conn, spec, state, check_mode, shutdown_timeout=30.0, settle=1.0, 
             dom.create()
             ok, pid = _wait_started(dom, settle, pid_of)
             error = None
-        except libvirt.libvirtError as e:
+        except (libvirt.libvirtError, InstanceError) as e:
             ok, error = False, str(e)
         if not ok:
             tail = serial_tail(place)
