@@ -257,7 +257,7 @@ def node_spec(conn, overlay, service_id, data_dir, run_dir, bridge, state):
     if network is not None and address_taken_by_netns(network):
         raise InstanceError(
             "bundle %s has a network namespace on this node (veth %s) holding its address %s; a VM answers for "
-            "that address on the bridge itself, so its bundle must not have a namespace here"
+            "that address on the bridge itself: set up a VM bundle with cerana.platform.bundle_network namespace=false"
             % (bundle_id, network.host_veth, network.address)
         )
     mtu = bridge_mtu(bridge)
