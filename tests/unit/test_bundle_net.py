@@ -399,3 +399,30 @@ def test_unit_joins_the_network_namespace_only_with_a_record():
     assert "NetworkNamespacePath=/run/netns/cerana-shop" in unit
     assert unit.index("NetworkNamespacePath=/run/netns/cerana-shop") > unit.index("[Service]")
     assert "--unshare-net" not in " ".join(unit)  # bwrap stays in the namespace systemd put it in
+
+
+def test_renew_leases_for_the_node_tick(tmp_path):
+    store, clock, ls, pool = lease_env("10.240.0.0/24")
+    run = str(tmp_path)
+    assert bnio.renew_leases(store, NODE_A, run, "10.240.0.0/24", now=clock.t) == {"renewed": [], "errors": []}
+    bridge, _ = bnio._lease(ls, pool, bn.bridge_mac(NODE_A), "node-a", 1000, bnio.Changes(), "bridge")
+    shop, _ = bnio._lease(ls, pool, bn.bundle_mac("shop", NODE_A), "shop", 1000, bnio.Changes(), "bundle shop")
+    bn.write_network(run, bn.NetworkRecord.from_dict(dict(RECORD, address=shop.ip, prefix_len=24, gateway=bridge.ip,
+                                                          mac=bn.bundle_mac("shop", NODE_A))))  # fmt: skip
+    (tmp_path / "networks" / "bad.json").write_text("{")
+    # more than half left: nothing written
+    before = dict(store.data)
+    out = bnio.renew_leases(store, NODE_A, run, "10.240.0.0/24", duration=1000, now=clock.t + 400)
+    assert out["renewed"] == [] and store.data == before
+    assert len(out["errors"]) == 1 and "bad.json" in out["errors"][0]
+    # less than half left: both renewed at the same addresses, hostnames kept
+    out = bnio.renew_leases(store, NODE_A, run, "10.240.0.0/24", duration=1000, now=clock.t + 600)
+    assert sorted(out["renewed"]) == sorted([bridge.ip, shop.ip])
+    assert ls.get(shop.ip).expires == clock.t + 1600 and ls.get(shop.ip).hostname == "shop"
+    assert ls.get(bridge.ip).expires == clock.t + 1600 and ls.get(bridge.ip).hostname == "node-a"
+    # expired and taken by another MAC meanwhile: an error for that lease, the others still renewed
+    other = L.LeaseStore(store, pool=bn.POOL, server="other", clock=lambda: clock.t + 5000)
+    other.ack(pool, "02:00:00:00:00:99", shop.ip, duration=1000, allow_unallocated=True, now=clock.t + 5000)
+    out = bnio.renew_leases(store, NODE_A, run, "10.240.0.0/24", duration=1000, now=clock.t + 5000)
+    assert out["renewed"] == [bridge.ip]
+    assert any("bundle shop (%s)" % shop.ip in e and "leased to 02:00:00:00:00:99" in e for e in out["errors"])

@@ -600,6 +600,40 @@ def sync_overlay(nodes, node_id, service_network, *, vxlan=bn.VXLAN, check_mode=
             ipr.close()
 
 
+def renew_leases(store, node_id, run_dir, service_network, *, duration=None, now=None):
+    """Renew the service-network leases of this node: its bridge's and every recorded bundle network's.
+
+    A lease with at least half of ``duration`` (default: one day) left costs one read and no
+    write; below that it is bound for ``duration`` again, at the same address. Meant for the
+    node tick, at least every ``duration / 2`` (the module renews only when it runs). Returns
+    ``{"renewed": [ip, ...], "errors": [text, ...]}``: a lease that cannot be renewed (taken by
+    another MAC after it expired, outside a changed service network) or a bad record is an
+    error in the list, not an exception; an unreachable Consul raises StoreError.
+    """
+    duration = duration or DEFAULT_LEASE_DURATION
+    pool = L.Pool(net=ipaddress.IPv4Network(service_network))
+    ls = L.LeaseStore(store, pool=bn.POOL, server=node_id)
+    records, errors = bn.read_networks(run_dir)
+    errors = ["%s: %s" % (path, text) for path, text in errors]
+    wanted = [(bn.bridge_mac(node_id), None, "the bridge")]
+    wanted += [(r.mac, r.address, "bundle %s" % r.bundle) for r in records]
+    renewed = []
+    for mac, ip, what in wanted:
+        try:
+            if ip is None:
+                lease = ls.lease_of(mac)
+                if lease is None:
+                    continue  # no bundle network on this node yet
+                ip = lease.ip
+            lease, changed = ls.ack(pool, mac, ip, duration=duration, min_remaining=duration / 2, now=now,
+                                    allow_unallocated=True)  # fmt: skip
+            if changed:
+                renewed.append(lease.ip)
+        except (L.LeaseError, m.ValidationError) as e:
+            errors.append("%s (%s): %s" % (what, ip, e))
+    return {"renewed": renewed, "errors": errors}
+
+
 # ---------------------------------------------------------------------------
 # The module's flows
 
