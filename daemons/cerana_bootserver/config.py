@@ -54,6 +54,17 @@ class Settings:
     """Threads that talk to Consul (one request in flight each)."""
     backlog: int = 64
     """Datagrams waiting for a worker beyond which new ones are dropped (overload; clients retransmit)."""
+    batch_ops: int = 64
+    """Most operations in one Consul transaction when exchanges' writes are batched (1: one exchange each)."""
+    stats_interval: float = 10.0
+    """Seconds between the log lines that count datagrams, shed load, batched writes (0: none)."""
+    peer_interval: float = 1.0
+    """Seconds between heartbeats in ``<pool>/servers/``; 0: no owner rule (every server answers every client)."""
+    peer_ttl: float = 5.0
+    """Seconds a heartbeat counts: a server that stops beating (killed) loses its MACs after this long."""
+    peer_fallback: float = 2.0
+    """Seconds a client must have been trying (``secs``, or its DISCOVER heard again) before a server that does
+    not own its MAC answers it."""
     next_server: str = ""
     """TFTP server for PXE ROMs (siaddr, option 66). Default: this server."""
     bios_boot_file: str = "undionly.kpxe"
@@ -168,9 +179,16 @@ class Settings:
                     ipaddress.IPv4Address(value)
                 except ValueError:
                     raise ConfigError("%s: must be an IPv4 address, got %r" % (name, value)) from None
-        for name in ("offer_hold", "decline_hold", "max_probes", "workers", "backlog"):
+        for name in ("offer_hold", "decline_hold", "max_probes", "workers", "backlog", "batch_ops"):
             if getattr(s, name) < 1:
                 raise ConfigError("%s: must be at least 1" % name)
+        if s.batch_ops > 64:
+            raise ConfigError("batch_ops: Consul takes at most 64 operations in a transaction")
+        for name in ("peer_interval", "peer_fallback"):
+            if getattr(s, name) < 0:
+                raise ConfigError("%s: must not be negative" % name)
+        if s.peer_interval > 0 and s.peer_ttl <= s.peer_interval:
+            raise ConfigError("peer_ttl: must be longer than peer_interval (%s s)" % s.peer_interval)
         if s.log_format not in ("text", "json"):
             raise ConfigError("log_format: must be text or json")
         if s.media not in ("on", "off"):

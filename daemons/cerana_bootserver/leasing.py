@@ -1,5 +1,13 @@
 """Executes the handler's intents against the shared lease table, and rides out Consul outages.
 
+Two ways in: :meth:`LeaseService.execute` (blocking, from a worker thread: any intent) and
+:meth:`LeaseService.fast` (from the event loop, no I/O): it answers what this server's own
+state already decides, e.g. an OFFER of the binding it granted the MAC, and turns an ACK
+against a lease whose modify index it knows, or the claim of a new MAC's first address,
+into a :class:`Commit`: transaction operations the server batches with other exchanges'
+into one Consul transaction (``batch.py``). Everything else, and every commit that loses
+its compare-and-swap, goes the blocking way.
+
 While Consul cannot be reached the server keeps renewing the leases *it* granted (a
 local cache of its ACKs), refuses new ones (a duplicate address is worse than a slow
 boot), and stays silent where it cannot know the answer. It logs each change between
@@ -25,6 +33,24 @@ log = logging.getLogger(__name__)
 
 
 SEEN_MAX = 65536
+TAKEN_MAX = 4096  # addresses remembered as taken by others (forgotten all at once beyond that)
+IN_FLIGHT = "an offer to this client is being written"
+
+
+@dataclasses.dataclass
+class Commit:
+    """What :meth:`LeaseService.fast` returns when an intent needs one transaction and nothing else.
+
+    ``ops`` go to Consul in one transaction (possibly batched with other commits);
+    ``done(results)`` (the result entries of the transaction) returns the outcome;
+    ``failed(keys)`` (the keys whose compare-and-swap lost) forgets what turned out to be stale
+    and returns another Commit to try instead, or None: the intent goes the blocking way.
+    """
+
+    ops: list
+    done: object
+    failed: object
+    claim: bool = False  # a new MAC's claim (an OFFER): shed first under overload
 
 
 class LeaseService:
@@ -51,6 +77,13 @@ class LeaseService:
         self._offers = {}  # mac -> Lease this server last offered (its modify index spares the ACK a read)
         self._pending = {}  # mac -> Lease renewed while offline, to write back
         self._seen = collections.OrderedDict()  # MACs recently heard from (at most SEEN_MAX, oldest first)
+        # mac -> Lease as this server last wrote or read it since the live set of bootservers last
+        # changed: while it owns the MAC nobody else writes it, so an OFFER can be made from it.
+        self._trusted = {}
+        self._pure = L.LeaseStore(None, **self.lease_args)  # builds leases and operations, no I/O
+        self._claiming = set()  # MACs whose first claim is on its way to Consul
+        self.counts = collections.Counter()  # what the non-blocking way did (the periodic log line)
+        self._taken = set()  # addresses a claim found taken (skipped by the next claims)
         self.online = None  # None (unknown), True, False
 
     # -- plumbing -----------------------------------------------------------------
@@ -100,6 +133,17 @@ class LeaseService:
                 del self._pending[mac]
         return True
 
+    def cached_config(self):
+        """(DHCPConfig, Pool) as last read, without any I/O; None before the first read."""
+        cached = self._config
+        return cached[:2] if cached is not None else None
+
+    def forget_trusted(self):
+        """The live set of bootservers changed: other servers may write this server's MACs now."""
+        with self._lock:
+            self._trusted.clear()
+            self._taken.clear()
+
     def config(self):
         """(DHCPConfig, Pool), refreshed every ``config_refresh`` s; the last good one while Consul is away.
 
@@ -143,6 +187,8 @@ class LeaseService:
                 del self._cache[mac]
             for mac in [k for k, v in self._offers.items() if v.expires <= now]:
                 del self._offers[mac]
+            for mac in [k for k, v in self._trusted.items() if v.expires <= now]:
+                del self._trusted[mac]
 
     # -- the one entry point ------------------------------------------------------------
 
@@ -182,6 +228,7 @@ class LeaseService:
                 return h.Silent(str(e))
             with self._lock:
                 self._offers[intent.mac] = lease
+                self._trusted[intent.mac] = lease
             return h.Granted(ipaddress.IPv4Address(lease.ip))
         if isinstance(intent, h.Ack):
             # The lease as this server last wrote or saw it (the offer, or the binding being
@@ -194,18 +241,23 @@ class LeaseService:
                 lease, _ = ls.ack(pool, intent.mac, intent.ip, duration=cfg.lease_duration, hostname=intent.hostname,
                                   known=known)  # fmt: skip
             except L.LeaseError as e:
+                with self._lock:
+                    self._trusted.pop(intent.mac, None)
                 return h.Denied(str(e))
             with self._lock:
                 self._cache[intent.mac] = lease
+                self._trusted[intent.mac] = lease
                 self._pending.pop(intent.mac, None)
             return h.Granted(intent.ip)
         if isinstance(intent, h.ReleaseOffer):
             with self._lock:
-                mine = self._offers.pop(intent.mac, None)
-            if mine is not None and (mine.server != str(self.server_id) or mine.ip == str(intent.requested)):
-                # What this server offered was another server's offer, or the very address the
-                # client chose: there is nothing of ours to free (release() would find the same).
-                return h.Silent("client chose server %s" % intent.chosen)
+                mine = self._offers.get(intent.mac)
+                if mine is None or mine.server != str(self.server_id) or mine.ip == str(intent.requested):
+                    # This server offered the client nothing (another server answered its DISCOVER;
+                    # an offer made before a restart just expires), or what it offered was another
+                    # server's offer, or the very address the client chose: nothing of ours to free.
+                    return h.Silent("client chose server %s" % intent.chosen)
+                del self._offers[intent.mac]
             freed = ls.release(intent.mac, only_offer_of=str(self.server_id), keep_ip=intent.requested)
             if freed is not None:
                 log.info("%s chose server %s: freed our offer of %s", intent.mac, intent.chosen, freed.ip)
@@ -213,6 +265,7 @@ class LeaseService:
         if isinstance(intent, h.Release):
             freed = ls.release(intent.mac, intent.ip)
             with self._lock:
+                self._trusted.pop(intent.mac, None)
                 self._cache.pop(intent.mac, None)
                 self._pending.pop(intent.mac, None)
             return h.Silent("released" if freed else "nothing to release")
@@ -221,10 +274,163 @@ class LeaseService:
             log.warning("%s declined %s (address in use?): quarantined for %ss", intent.mac, intent.ip, ls.decline_hold)
             with self._lock:
                 self._cache.pop(intent.mac, None)
+                self._trusted.pop(intent.mac, None)
             return h.Silent("declined")
         if isinstance(intent, h.Inform):
             return h.Granted(None)
         return h.Silent("unhandled intent %r" % (intent,))
+
+    # -- the non-blocking way ---------------------------------------------------------------
+
+    def fast(self, intent):
+        """The outcome of ``intent`` from this server's own state (no I/O), a :class:`Commit`, or None.
+
+        None means: use :meth:`execute` (from a worker thread). Only while Consul is known to be
+        reachable and the configuration has been read.
+        """
+        cached = self._config
+        if self.online is not True or cached is None:
+            return None
+        cfg, pool = cached[0], cached[1]
+        if isinstance(intent, h.Offer):
+            return self._fast_offer(intent, pool)
+        if isinstance(intent, h.Ack):
+            return self._fast_ack(intent, cfg, pool)
+        if isinstance(intent, h.ReleaseOffer):
+            with self._lock:
+                mine = self._offers.get(intent.mac)
+            if mine is not None and mine.server == str(self.server_id) and mine.ip != str(intent.requested):
+                return None  # our own offer of another address: execute() frees it
+            return h.Silent("client chose server %s" % intent.chosen)
+        if isinstance(intent, h.Inform):
+            return h.Granted(None)
+        return None
+
+    def _fast_offer(self, intent, pool):
+        mac, ls = intent.mac, self._pure
+        if mac in pool.reservations:
+            return None
+        now = self.clock()
+        with self._lock:
+            lease = self._trusted.get(mac)
+            if lease is not None:
+                if not (lease.owned_by(mac) and pool.usable(lease.ip, mac)):
+                    return None
+                # The binding this server granted or renewed (offered again, nothing to write), or
+                # its own live offer (a retransmitted DISCOVER); anything else: read the table.
+                bound = lease.state == L.BOUND and lease.expires - ls.skew > now
+                offered = lease.state == L.OFFERED and lease.server == ls.server
+                if not (bound or (offered and lease.remaining(now) >= ls.offer_hold / 2)):
+                    return None
+                self._offers[mac] = lease
+                self.counts["offers_known"] += 1
+                return h.Granted(ipaddress.IPv4Address(lease.ip))
+            if mac in self._claiming:
+                return h.Silent(IN_FLIGHT)  # a retransmission: the first DISCOVER's offer is on its way
+            if mac in self._seen:
+                return None  # heard of before but nothing trusted about it: read the table
+            self._seen[mac] = True
+            if len(self._seen) > SEEN_MAX:
+                self._seen.popitem(last=False)
+            skip = frozenset(self._taken)
+        # Most likely new to the whole table: claim its first address, creating its MAC index
+        # (CAS index 0 fails for any MAC the table knows; then execute() takes the normal path).
+        got = self._claim(pool, mac, intent.requested, intent.hostname, now, skip, 1)
+        if got is not None:
+            with self._lock:
+                self._claiming.add(mac)
+        return got
+
+    def _claim(self, pool, mac, requested, hostname, now, skip, tries):
+        """The Commit of claiming ``mac``'s first candidate not in ``skip`` (addresses known taken).
+
+        When only the address was taken, the next candidate is tried (up to ``max_probes``
+        claims), all on the non-blocking way; when the MAC index was not new, the blocking way
+        reads the MAC's lease.
+        """
+        ls = self._pure
+        ip = ls.first_candidate(pool, mac, requested, skip=skip)
+        if ip is None:
+            with self._lock:
+                self._claiming.discard(mac)
+            return None
+        new = ls.offer_lease(ip, mac, now, hostname)
+        mac_key = L.mac_key(mac, ls.pool_name)
+
+        def done(results):
+            lease = ls.written(new, results)
+            with self._lock:
+                self._offers[mac] = lease
+                self._trusted[mac] = lease
+                self._claiming.discard(mac)
+            return h.Granted(ip)
+
+        def failed(keys):
+            with self._lock:
+                if mac_key in keys or tries >= ls.max_probes:
+                    self.counts["claims_mac_known" if mac_key in keys else "claims_given_up"] += 1
+                    self._claiming.discard(mac)
+                    return None
+                self.counts["claims_address_taken"] += 1
+                if len(self._taken) >= TAKEN_MAX:
+                    self._taken.clear()
+                self._taken.add(ip)
+            return self._claim(pool, mac, None, hostname, now, skip | {ip}, tries + 1)
+
+        return Commit(ls.claim_ops(new, 0), done, failed, claim=True)
+
+    def _fast_ack(self, intent, cfg, pool):
+        mac = intent.mac
+        if pool.why_not(intent.ip, mac):
+            return None  # execute() NAKs it with the reason
+        with self._lock:
+            known = self._offers.pop(mac, None)
+            if known is None or known.ip != str(intent.ip):
+                known = self._cache.get(mac)
+        return self._bind(intent, cfg, known, 1)
+
+    def _bind(self, intent, cfg, known, tries):
+        """The Commit of binding ``intent.ip`` against ``known`` (the lease as this server last saw it)."""
+        mac, ls = intent.mac, self._pure
+        if known is None or known.ip != str(intent.ip) or not known.owned_by(mac) or not known.index:
+            return None
+        new = ls.bound(known, cfg.lease_duration, self.clock(), intent.hostname)
+
+        def done(results):
+            lease = ls.written(new, results)
+            with self._lock:
+                self._cache[mac] = lease
+                self._trusted[mac] = lease
+                self._pending.pop(mac, None)
+            return h.Granted(intent.ip)
+
+        def failed(_keys):
+            with self._lock:
+                later = self._cache.get(mac)
+                self.counts["binds_stale"] += 1
+                if tries < 3 and later is not None and later.index > known.index:
+                    # This server wrote the lease since (the same client's previous exchange,
+                    # batched just before this one): bind against that.
+                    return self._bind(intent, cfg, later, tries + 1)
+                # Somebody else changed the lease: what we knew is stale.
+                self._trusted.pop(mac, None)
+                if self._cache.get(mac) == known:
+                    del self._cache[mac]
+            return None
+
+        return Commit(ls.rewrite_ops(known, new), done, failed)
+
+    def after_failure(self, intent, err):
+        """A commit failed for another reason than a lost compare-and-swap: the outcome when Consul
+        is unreachable (the offline rules), else None (use :meth:`execute`)."""
+        if isinstance(intent, h.Offer):
+            with self._lock:
+                self._claiming.discard(intent.mac)
+        if isinstance(err, Unreachable):
+            self._went_offline(err)
+            cached = self._config
+            return self._offline(intent, cached[0]) if cached is not None else h.Silent(str(err))
+        return None
 
     def _offline(self, intent, cfg):
         if isinstance(intent, h.Ack):

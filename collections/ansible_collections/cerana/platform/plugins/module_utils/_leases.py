@@ -374,9 +374,9 @@ class LeaseStore:
 
     # -- writes -----------------------------------------------------------------
 
-    def _claim(self, new, mac_index, *, previous=None, move_from=None):
-        """One transaction: write ``new`` (CAS against ``previous`` or create-only), point the
-        MAC index at it (CAS ``mac_index``), and delete the MAC's old lease ``move_from``."""
+    def claim_ops(self, new, mac_index, *, previous=None, move_from=None):
+        """The transaction of a claim: write ``new`` (CAS against ``previous`` or create-only), point
+        the MAC index at it (CAS ``mac_index``), and delete the MAC's old lease ``move_from``."""
         ops = [
             {
                 "KV": {
@@ -392,29 +392,60 @@ class LeaseStore:
             ops.append(
                 {"KV": {"Verb": "delete-cas", "Key": lease_key(move_from.ip, self.pool_name), "Index": move_from.index}}
             )
+        return ops
+
+    def rewrite_ops(self, old, new):
+        """The transaction of a rewrite: CAS-update an existing lease key (the MAC index is unchanged)."""
+        return [{"KV": {"Verb": "cas", "Key": lease_key(old.ip, self.pool_name), "Value": new.to_bytes(),
+                        "Index": old.index}}]  # fmt: skip
+
+    def written(self, new, results):
+        """``new`` with the modify index of its lease key from a transaction's result entries."""
+        key = lease_key(new.ip, self.pool_name)
+        index = next((e.modify_index for e in results if e.key == key), results[0].modify_index if results else 0)
+        return dataclasses.replace(new, index=index)
+
+    def _claim(self, new, mac_index, *, previous=None, move_from=None):
+        """One transaction of :meth:`claim_ops`; returns ``new`` with its modify index."""
         try:
-            results = self.store.txn(ops)
+            results = self.store.txn(self.claim_ops(new, mac_index, previous=previous, move_from=move_from))
         except CasConflict as e:
             raise _Conflict(e.key) from None
-        return dataclasses.replace(new, index=results[0].modify_index if results else 0)
+        return self.written(new, results)
 
     def _rewrite(self, old, new):
         """CAS-update an existing lease key (the MAC index is unchanged)."""
-        ops = [
-            {
-                "KV": {
-                    "Verb": "cas",
-                    "Key": lease_key(old.ip, self.pool_name),
-                    "Value": new.to_bytes(),
-                    "Index": old.index,
-                }
-            }
-        ]
         try:
-            results = self.store.txn(ops)
+            results = self.store.txn(self.rewrite_ops(old, new))
         except CasConflict as e:
             raise _Conflict(e.key) from None
-        return dataclasses.replace(new, index=results[0].modify_index if results else 0)
+        return self.written(new, results)
+
+    def bound(self, lease, duration, now, hostname=None):
+        """``lease`` (the MAC's offer or binding) as bound for ``duration`` seconds from ``now``."""
+        return dataclasses.replace(
+            lease, state=BOUND, expires=expiry(now, duration), server=self.server or lease.server,
+            hostname=hostname or lease.hostname,
+        )  # fmt: skip
+
+    def first_candidate(self, pool, mac, requested=None, skip=()):
+        """The address an optimistic claim tries for ``mac``: ``requested`` when usable, else the first
+        candidate in the MAC's probe order that is not in ``skip`` (addresses known to be taken)."""
+        if requested is not None:
+            try:
+                requested = ipaddress.IPv4Address(requested)
+            except ValueError:
+                requested = None
+        if requested is not None and pool.usable(requested, mac):
+            return requested
+        for n, ip in enumerate(pool.candidates(mac)):
+            if ip not in skip or n >= self.max_probes:
+                return ip
+        return None
+
+    def offer_lease(self, ip, mac, now, hostname=None):
+        """A new offer of ``ip`` to ``mac`` held for ``offer_hold`` seconds from ``now``."""
+        return self._lease(ip, mac, OFFERED, expiry(now, self.offer_hold), hostname)
 
     def _delete(self, lease):
         ops = [{"KV": {"Verb": "delete-cas", "Key": lease_key(lease.ip, self.pool_name), "Index": lease.index}}]
@@ -458,18 +489,10 @@ class LeaseStore:
         out to be this MAC's live offer or binding (another server claimed it a moment ago),
         that lease is returned, as the normal path would. A new client costs one transaction.
         """
-        if requested is not None:
-            try:
-                requested = ipaddress.IPv4Address(requested)
-            except ValueError:
-                requested = None
-        if requested is not None and pool.usable(requested, mac):
-            ip = requested
-        else:
-            ip = next(iter(pool.candidates(mac)), None)
-            if ip is None:
-                return None
-        new = self._lease(ip, mac, OFFERED, expiry(now, self.offer_hold), hostname)
+        ip = self.first_candidate(pool, mac, requested)
+        if ip is None:
+            return None
+        new = self.offer_lease(ip, mac, now, hostname)
         try:
             return self._claim(new, 0)
         except _Conflict as c:
@@ -632,11 +655,7 @@ class LeaseStore:
                         and (hostname is None or hostname == lease.hostname)
                     ):
                         return lease, False
-                    new = dataclasses.replace(
-                        lease, state=BOUND, expires=expiry(t, duration), server=self.server or lease.server,
-                        hostname=hostname or lease.hostname,
-                    )  # fmt: skip
-                    return self._rewrite(lease, new), True
+                    return self._rewrite(lease, self.bound(lease, duration, t, hostname)), True
                 if lease is not None and not lease.expired(t, self.skew):
                     raise HeldByOther(ip, lease.mac, lease.expires)
                 if not allow_unallocated:
