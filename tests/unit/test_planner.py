@@ -488,6 +488,45 @@ def test_service_change_changes_the_digest_of_every_bundle_using_it():
         assert p2.nodes[p2.placements[b][0]].bundles[b] == digest_of(st2, b)
 
 
+def test_digests_of_bundles_sharing_services_equal_the_plain_overlay():
+    """The planner computes overlays with shared to_dict() results; they must equal m.overlay_bundle's."""
+    web = m.Service.from_dict(
+        {
+            "id": "web",
+            "dataset": "root",
+            "cmd": ["/bin/httpd"],
+            "env": {"A": "1"},
+            "limits": {"memory": 64 * MIB},
+            "health_checks": {"up": {"kind": "tcp", "args": {"port": 80}}},
+        }
+    )
+    one = m.Bundle.from_dict(
+        {
+            "id": "one",
+            "services": {
+                "web": {
+                    "env": {"B": "2"},
+                    "cmd": ["/bin/other"],
+                    "dataset": "alt",
+                    "limits": {"cpu": 0.5},
+                    "health_checks": {"up": {"kind": "http", "args": {"port": 8080}}},
+                    "datasets": {"data": {"mount_point": "/data"}},
+                }
+            },
+            "datasets": {"data": {"id": "root", "type": "rw", "quota": 1 << 30}},
+        }
+    )
+    two = m.Bundle.from_dict({"id": "two", "services": {"web": {}}, "datasets": {"data": {"id": "root"}}})
+    three = m.Bundle.from_dict({"id": "three", "services": {"web": {"env": {"A": "9"}}}})
+    st_ = state(bundles=[one, two, three], services=[web], datasets=[dataset("root"), dataset("alt")])
+    for _ in range(2):  # cold, then memoized
+        p = P.plan(st_)
+        for b in ("one", "two", "three"):
+            (n,) = p.placements[b]
+            assert p.nodes[n].bundles[b] == digest_of(st_, b), b
+    assert web.to_dict()["env"] == {"A": "1"}  # the shared objects were not changed
+
+
 def test_memo_does_not_leak_between_states_with_equal_ids():
     st_ = state(bundles=[bundle("one", env={"A": "1"})])
     st2 = state(bundles=[bundle("one", env={"A": "2"})])
@@ -854,3 +893,44 @@ def test_build_state_reads_every_kind_and_reports_bad_values():
     p = P.plan(s2)
     assert p.nodes["a"].bundles["shop"].startswith("sha256:")
     assert any(pr.object == "bundle/bad" for pr in p.problems)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    clusters(),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["n0", "n1", "n5", "gone"]),
+            st.sampled_from(["b0", "b1", "b2", "undeclared"]),
+            st.sampled_from(["", "sha256:x"]),
+            st.floats(allow_nan=True, allow_infinity=True),
+        ),
+        max_size=8,
+    ),
+    st.lists(
+        st.tuples(
+            st.sampled_from(["n0", "n1", "n3", "gone"]),
+            st.sampled_from(["b0", "b1", "undeclared"]),
+            st.booleans(),
+            st.sampled_from(["2026-01-01T00:00:00.000000Z", "0001-01-01T00:00:00.000000Z", "garbage"]),
+        ),
+        max_size=8,
+    ),
+    st.dictionaries(st.sampled_from(["bundle/b0", "bundle/zz", "dataset/d0", "service/s1", "applied/n0"]), st.text()),
+    st.floats(allow_nan=False, allow_infinity=False, min_value=-1e12, max_value=1e12),
+)
+def test_property_never_raises_on_odd_records(st_, applied, hbs, invalid, now):
+    app: dict = {}
+    for n, b, d, t in applied:
+        app.setdefault(n, {})[b] = P.Applied(d, t)
+    bhbs: dict = {}
+    for n, b, healthy, t in hbs:
+        hb = m.BundleHeartbeat(
+            b, n if n != "gone" else "gone", t, {"s0": {"state": "running", "health": {"c": None if healthy else "x"}}}
+        )
+        bhbs.setdefault(b, {})[n] = hb
+    odd = dataclasses.replace(st_, applied=app, bundle_heartbeats=bhbs, invalid=invalid, now=now)
+    p = P.plan(odd, grace=0)
+    json.dumps(p.to_dict())
+    P.render_text(p)
+    assert P.plan(odd, grace=0).to_dict() == p.to_dict()

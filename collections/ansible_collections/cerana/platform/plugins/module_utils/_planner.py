@@ -247,7 +247,63 @@ def _referenced(bundle, services):
     return tuple(bundle.services), tuple(sorted(dataset_ids))
 
 
-def _bundle_info(bundle, services, datasets, memo_in, memo_out):
+class _Shared:
+    """A declared object whose ``to_dict()`` is computed once per plan.
+
+    ``m.overlay_bundle`` calls ``to_dict()`` on a service for every bundle that uses it
+    (and on its health checks, and on datasets), and ``to_dict()`` is most of the cost of
+    a first plan. The overlay only replaces top-level keys of those dicts, so a shallow
+    copy of one cached dict is enough; the property tests compare every digest with
+    ``m.overlay_bundle`` on the plain objects. Other attributes come from the object.
+    """
+
+    __slots__ = ("_dict", "_obj")
+
+    def __init__(self, obj):
+        self._obj = obj
+        self._dict = None
+
+    def __getattr__(self, name):
+        return getattr(self._obj, name)
+
+    def to_dict(self):
+        if self._dict is None:
+            self._dict = self._obj.to_dict()
+        return dict(self._dict)
+
+
+class _SharedService(_Shared):
+    __slots__ = ("_checks",)
+
+    def __init__(self, obj):
+        super().__init__(obj)
+        self._checks = None
+
+    @property
+    def health_checks(self):
+        if self._checks is None:
+            self._checks = {k: _Shared(v) for k, v in self._obj.health_checks.items()}
+        return self._checks
+
+
+class _Shares:
+    """The services and datasets of one plan wrapped in :class:`_Shared`, made on first use."""
+
+    def __init__(self, services, datasets):
+        self._raw = (services, datasets)
+        self._wrapped = None
+
+    def get(self):
+        if self._wrapped is None:
+            services, datasets = self._raw
+            self._wrapped = (
+                {k: _SharedService(v) for k, v in services.items()},
+                {k: _Shared(v) for k, v in datasets.items()},
+            )
+        return self._wrapped
+
+
+def _bundle_info(bundle, services, datasets, memo_in, memo_out, shares=None):
     """The overlay-derived facts of one bundle. The overlay and its digest are the costly
     part of a plan (0.1-0.2 ms each), so results are kept for the objects they came
     from: a later plan given the very same (frozen) objects reuses them. Identity, not
@@ -265,7 +321,7 @@ def _bundle_info(bundle, services, datasets, memo_in, memo_out):
         memo_out[id(bundle)] = hit
         return hit[3]
     sids, dids = _referenced(bundle, services)
-    info = _compute_info(bundle, services, datasets)
+    info = _compute_info(bundle, *(shares.get() if shares is not None else (services, datasets)))
     memo_out[id(bundle)] = (
         bundle,
         tuple((s, services.get(s)) for s in sids),
@@ -375,8 +431,9 @@ def _plan(state, max_unavailable, grace):
         memo_in = dict(_MEMO)
     memo_out = {}
     infos = {}
+    shares = _Shares(services, datasets)
     for bid in sorted(state.bundles):
-        infos[bid] = _bundle_info(state.bundles[bid], services, datasets, memo_in, memo_out)
+        infos[bid] = _bundle_info(state.bundles[bid], services, datasets, memo_in, memo_out, shares)
     for what, reason in sorted(state.invalid.items()):
         kind, _sep, oid = what.partition("/")
         if kind == "bundle" and oid not in infos:
@@ -535,7 +592,9 @@ def _plan(state, max_unavailable, grace):
                 start[node].append(bid)  # new placement (note already set)
             elif r.hb is None and r.applied is not None and now - r.applied.time > grace:
                 start[node].append(bid)
-                notes[node]["bundle/" + bid] = "applied %ds ago but no heartbeat: apply again" % (now - r.applied.time)
+                notes[node]["bundle/" + bid] = "applied %.0fs ago but no heartbeat: apply again" % (
+                    now - r.applied.time
+                )
             elif r.applied is None or r.applied.digest != info.digest:
                 candidates.append(node)
         if candidates:
