@@ -21,6 +21,8 @@ def test_sample_dataset_runs_python_with_nothing_from_the_host(tmp_path, capsys)
     assert capsys.readouterr().out.strip() == str(root)
     assert (root / "app/backend.py").exists() and (root / "app/front.py").exists()
     assert not list(root.rglob("__pycache__")) and not (root / "usr/lib/python3.11/test").exists()
+    links = [p for p in root.rglob("*") if p.is_symlink()]
+    assert links and not [p for p in links if os.readlink(p).startswith("/")]  # importable as a dataset
     if os.geteuid() != 0 or not shutil.which("chroot"):
         pytest.skip("running it needs root (chroot)")
     with socket.socket() as s:

@@ -12,6 +12,7 @@ runs :func:`build_sample`.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -41,8 +42,8 @@ def _copy_file(src: Path, root: Path) -> None:
     if src != src.resolve():  # keep the name the binaries ask for (e.g. libc.so.6 -> libc.so.6)
         link = root / src.relative_to("/")
         link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(src.resolve())
+        if not link.exists():  # relative: a dataset may hold no link pointing outside itself
+            link.symlink_to(os.path.relpath(dest, link.parent))
 
 
 def build_python(root: Path, apps: dict[str, str] | None = None, python: str = "/usr/bin/python3") -> Path:
@@ -56,7 +57,9 @@ def build_python(root: Path, apps: dict[str, str] | None = None, python: str = "
     (root / "usr/bin").mkdir(parents=True, exist_ok=True)
     shutil.copy2(python_bin, root / "usr/bin/python3")
     dest_stdlib = root / stdlib.relative_to("/")
-    shutil.copytree(stdlib, dest_stdlib, symlinks=True, ignore=shutil.ignore_patterns(*SKIP_STDLIB, "*.pyc"))
+    # links are followed: Debian links sitecustomize.py to /etc, outside any dataset
+    shutil.copytree(stdlib, dest_stdlib, symlinks=False, ignore_dangling_symlinks=True,
+                    ignore=shutil.ignore_patterns(*SKIP_STDLIB, "*.pyc"))  # fmt: skip
     binaries = [python_bin, *sorted((stdlib / "lib-dynload").glob("*.so"))]
     for lib in sorted(_libraries(binaries)):
         _copy_file(lib, root)
