@@ -235,8 +235,9 @@ NOTHING = {"netns": False, "veth": False, "record": None, "bridge": False, "vxla
 
 
 def test_check_mode_bad_input_and_failures_change_nothing(lab):
-    # node1: check mode, an undeclared bundle, a bad option, and a failure at the last step (a read-only
-    # records directory) after the leases were taken and the bridge, vxlan, namespace and veth pair were made.
+    # node1: check mode, an undeclared bundle, a bad option, a failure at the last step (a read-only records
+    # directory) after the leases were taken and the bridge, vxlan, namespace and veth pair were made, and an
+    # unreachable Consul.
     # node2: forwarding off, which an nspawn machine cannot change (its /proc/sys is read-only): a failure
     # before any change.
     records = "/run/cerana/networks"
@@ -246,7 +247,7 @@ def test_check_mode_bad_input_and_failures_change_nothing(lab):
         out = lab.play([
             {"bundle": "a", "_check": True, "_host": "node1"}, {"bundle": "nope", "_host": "node1"},
             {"bundle": "a", "vni": 1 << 24, "_host": "node1"}, {"bundle": "b", "_host": "node1"},
-            {"bundle": "b", "_host": "node2"},
+            {"bundle": "b", "_host": "node2"}, {"bundle": "a", "consul_url": "http://127.0.0.1:1", "_host": "node1"},
         ])  # fmt: skip
     finally:
         lab.sh("node1", f"umount {records}")
@@ -263,6 +264,8 @@ def test_check_mode_bad_input_and_failures_change_nothing(lab):
     assert res["failed"] and res["msg"] == f"write {records}/b.json failed: Read-only file system", res
     res = out[("node2", "t4")]
     assert res["failed"] and res["msg"].startswith("net.ipv4.ip_forward is 0 on this node and cannot be set"), res
+    res = out[("node1", "t5")]
+    assert res["failed"] and res["msg"].startswith("cannot reach Consul at http://127.0.0.1:1"), res
     for node in NODES:
         for bundle in ("a", "b", "nope"):
             assert lab.state(node, bundle) == NOTHING, (node, bundle)
