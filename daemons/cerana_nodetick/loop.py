@@ -29,6 +29,8 @@ from cerana_nodetick import collect, core, health, kv
 from cerana_nodetick.config import Settings
 
 log = logging.getLogger(__name__)
+# bundle_network binds service-network leases for a day; renewing every hour keeps them
+LEASE_RENEWAL_INTERVAL = 3600.0
 
 
 class Checks:
@@ -120,6 +122,7 @@ class NodeTick:
         self.checks = Checks(settings.check_workers)
         self.config = m.ClusterConfig()
         self.last_history: float | None = None
+        self.last_lease_renewal: float | None = None
         self._reported: dict[str, object] = {}
         self.bridge = _bundle_net.BRIDGE
         self.nft = "nft"
@@ -255,6 +258,7 @@ class NodeTick:
         if has_bridge:
             nodes = self.objects.nodes()
             self.sync_overlay(nodes, cfg.service_network)
+            self.renew_leases(cfg.service_network)
             net = ipaddress.IPv4Network(cfg.service_network)
             for node in nodes:  # the nodes' own addresses on their bridges (reported in their heartbeats)
                 trusted.update(a for a in node.addresses if _in_network(a, net))
@@ -312,6 +316,26 @@ class NodeTick:
         self._report_once("overlay", None, logging.INFO, "")
         if done.get("added") or done.get("removed"):
             log.info("overlay peers: added %s, removed %s", done.get("added"), done.get("removed"))
+
+    def renew_leases(self, service_network: str) -> None:
+        """Once an hour, renew this node's service-network leases (bridge and bundle networks),
+        which bundle_network binds for a day: a long-lived network keeps its address."""
+        mono = time.monotonic()
+        if not core.history_due(self.last_lease_renewal, mono, LEASE_RENEWAL_INTERVAL):
+            return
+        try:
+            from ansible_collections.cerana.platform.plugins.module_utils import _bundle_netio
+
+            done = _bundle_netio.renew_leases(self.store, self.node_id, str(self.settings.run_dir), service_network)
+        except Exception as e:  # never let the leases stop the heartbeats; retried next tick
+            detail = f"{type(e).__name__}: {e}"
+            self._report_once("leases", detail, logging.ERROR, "service leases not renewed: %s", detail)
+            return
+        self.last_lease_renewal = mono
+        errors = "; ".join(done["errors"])
+        self._report_once("leases", errors or None, logging.ERROR, "service leases: %s", errors)
+        if done["renewed"]:
+            log.info("service leases renewed: %s", ", ".join(done["renewed"]))
 
     def lost_contact(self) -> None:
         """After an outage, re-read which heartbeat keys exist instead of trusting memory."""

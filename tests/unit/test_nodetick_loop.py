@@ -80,3 +80,33 @@ def test_a_missing_nft_is_logged_once_and_only_when_there_is_something_to_load(t
         tick.apply_ports("table ip cerana {\n}\n")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "published ports are not set" in warnings[0] and "no-nft" in warnings[0]
+
+
+def test_service_leases_are_renewed_hourly_and_failures_retried_next_tick(tmp_path, caplog, monkeypatch):
+    from ansible_collections.cerana.platform.plugins.module_utils import _bundle_netio
+
+    calls = []
+    outcomes = [_store.Unreachable("http://127.0.0.1:1", "refused"), {"renewed": ["10.240.0.5"], "errors": []}]
+
+    def renew(store, node_id, run_dir, network):
+        calls.append((node_id, run_dir, network))
+        outcome = outcomes.pop(0) if outcomes else {"renewed": [], "errors": []}
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    monkeypatch.setattr(_bundle_netio, "renew_leases", renew)
+    clock = [1000.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.INFO, logger="cerana_nodetick.loop")
+    tick = ticker(tmp_path)
+    tick.renew_leases("10.240.0.0/16")  # Consul down: logged, retried on the next tick
+    tick.renew_leases("10.240.0.0/16")  # renewed
+    clock[0] += 1800
+    tick.renew_leases("10.240.0.0/16")  # not due within the hour
+    clock[0] += 1800
+    tick.renew_leases("10.240.0.0/16")  # due again
+    assert len(calls) == 3 and calls[0] == ("n" * 32, str(tmp_path / "run"), "10.240.0.0/16")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("service leases not renewed: Unreachable" in msg for msg in messages)
+    assert "service leases renewed: 10.240.0.5" in messages
