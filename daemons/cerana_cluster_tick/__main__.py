@@ -1,0 +1,3 @@
+from cerana_cluster_tick.cli import main
+
+raise SystemExit(main())
