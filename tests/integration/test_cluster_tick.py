@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,6 +369,15 @@ def test_consul_restart_in_the_middle_of_a_run(work: Path) -> None:
         events = run_events(store)
         assert events[0]["run"] == tick.runs()[0] and events[0]["status"] == "ok", "the held run was not recorded"
         assert "Consul is reachable again" in tick.log()
+
+        # a Consul that comes back with nothing (its data lost): the tick takes the lock again
+        agent.stop()
+        shutil.rmtree(agent.workdir / "data")
+        agent.start()
+        wait_for(lambda: holder(store) == "tick-r", 120, "the lock to be taken again")
+        declare(store, *basics())
+        wait_for(lambda: pending(store) == () and run_events(store), 120, "convergence on the new Consul")
+        assert tick.proc.poll() is None and tick.log().count("leading: holding") == 2
     finally:
         nodes.stop.set()
         if tick is not None:
