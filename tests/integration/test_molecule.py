@@ -2,7 +2,9 @@
 
 Each scenario brings its own lab up and down (create/destroy playbooks) with a name and a
 free subnet given here, and runs destroy, syntax, create, converge, idempotence, verify,
-destroy. Needs root, systemd-container and debootstrap.
+destroy. The scenarios are independent, so they run at the same time (most of a scenario is
+waiting on machines and on Ansible's round trips); each role's test then checks its own
+result. Needs root, systemd-container and debootstrap.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -30,7 +33,7 @@ if os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "systemd-nspawn"
     pytest.skip("needs root, iproute2, systemd-container and debootstrap", allow_module_level=True)
 
 
-def free_subnet() -> str:
+def free_subnets(count: int) -> list[str]:
     used = []
     for item in json.loads(
         subprocess.run(
@@ -43,11 +46,14 @@ def free_subnet() -> str:
                 used.append(IPv4Network(dst, strict=False))
             except ValueError:
                 pass
-    for third in range(0, 250, 5):
-        net = IPv4Network(f"10.244.{third}.0/24")
-        if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
-            return str(net)
-    raise RuntimeError("no free 10.244.x.0/24 subnet")  # fmt: skip
+    free = [
+        str(net)
+        for net in (IPv4Network(f"10.244.{third}.0/24") for third in range(0, 250, 5))
+        if not any(net.overlaps(u) for u in used if u.prefixlen > 0)
+    ]
+    if len(free) < count:
+        raise RuntimeError(f"fewer than {count} free 10.244.x.0/24 subnets")
+    return free[:count]
 
 
 def consul_bin() -> str:
@@ -58,30 +64,54 @@ def consul_bin() -> str:
                           check=True).stdout.strip()  # fmt: skip
 
 
-@pytest.mark.parametrize("role", sorted(p.name for p in ROLES.iterdir() if (p / "molecule/default").is_dir()))
-def test_molecule_scenario(role, tmp_path):
+SCENARIOS = sorted(p.name for p in ROLES.iterdir() if (p / "molecule/default").is_dir())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Iterator[dict[str, subprocess.CompletedProcess[str]]]:
+    """``molecule test`` of every scenario, all started at once; {role: finished process}."""
     rootfs.ensure_rootfs()
-    lab = f"m{uuid.uuid4().hex[:7]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MOLECULE_"))}
-    env.update(
-        PATH=os.pathsep.join([str(BIN), env.get("PATH", os.defpath)]),
-        CERANA_CONSUL_BIN=consul_bin(),
-        CERANA_MOLECULE_LAB=lab,
-        CERANA_MOLECULE_SUBNET=free_subnet(),
-        ANSIBLE_NOCOLOR="1",
-        NO_COLOR="1",
-        ANSIBLE_LOCAL_TEMP=str(tmp_path / "ansible-tmp"),
-    )
+    consul = consul_bin()
+    runs = {}
     try:
-        proc = subprocess.run(
-            [str(BIN / "molecule"), "test"],
-            cwd=ROLES / role,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=900,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-8000:]
+        for role, subnet in zip(SCENARIOS, free_subnets(len(SCENARIOS)), strict=True):
+            tmp = tmp_path_factory.mktemp(f"molecule-{role}")
+            lab = f"m{uuid.uuid4().hex[:7]}"
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "MOLECULE_"))}
+            env.update(
+                PATH=os.pathsep.join([str(BIN), env.get("PATH", os.defpath)]),
+                CERANA_CONSUL_BIN=consul,
+                CERANA_MOLECULE_LAB=lab,
+                CERANA_MOLECULE_SUBNET=subnet,
+                ANSIBLE_NOCOLOR="1",
+                NO_COLOR="1",
+                ANSIBLE_LOCAL_TEMP=str(tmp / "ansible-tmp"),
+            )
+            out = open(tmp / "molecule.log", "w+")  # noqa: SIM115 (closed below)
+            proc = subprocess.Popen([str(BIN / "molecule"), "test"], cwd=ROLES / role, stdout=out,
+                                    stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+            runs[role] = (proc, out, lab)
+        finished = {}
+        for role, (proc, out, _lab) in runs.items():
+            try:
+                proc.wait(timeout=900)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            out.seek(0)
+            finished[role] = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), "")
+        yield finished
     finally:
-        subprocess.run([sys.executable, "-m", "cerana_lab", "down", "--name", lab], capture_output=True, check=False)
+        for proc, out, lab in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close()
+            subprocess.run([sys.executable, "-m", "cerana_lab", "down", "--name", lab], capture_output=True,
+                           check=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("role", SCENARIOS)
+def test_molecule_scenario(role, results):
+    proc = results[role]
+    assert proc.returncode == 0, proc.stdout[-12000:]
