@@ -18,11 +18,16 @@ setup gets a fresh lease state and two perfdhcp runs with full DORA exchanges:
   the average DISCOVER-OFFER and REQUEST-ACK delays count.
 
 Setups: cerana-bootserver alone; three cerana-bootservers sharing one range (the same
-Consul table: every server answers every DISCOVER, the client takes the first offer);
+Consul table; each DISCOVER is answered by the one server its MAC hashes to among the live
+ones, see docs/bootserver.md; the run starts once every server sees the other two);
 dnsmasq (``--no-ping``: its ICMP probe of every new address would measure ping, not DHCP);
 Kea with its memfile backend. For cerana, the lease table is checked afterwards: no MAC
 may hold two live leases, and no address may have gone to two MACs (perfdhcp's ``-x l``
 list of received leases).
+
+``--repeat N`` runs the setups N times, interleaved (cerana x1, x3, dnsmasq, Kea, then again),
+and reports the median of each and of the ratios of each round, so that a burst of load from
+other jobs on the machine hits every setup alike.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,6 +107,12 @@ class Cerana:
         self.procs = [netlab.Bootserver(ns, env, work / ("%s-%s.log" % (prefix, ns))) for ns in names]
         for proc in self.procs:
             proc.wait_listening()
+        if len(names) > 1:  # steady state: every server sees the others (they beat every second)
+            ips = [SERVERS[ns] for ns in names]
+            for proc in self.procs:
+                netlab.wait_for(lambda proc=proc: any(
+                    line.startswith("live bootservers: " + ", ".join(ips)) for line in _peer_lines(proc.log())),
+                    15, proc.ns + " to see its peers")  # fmt: skip
 
     def check(self, acked):
         """No MAC holds two live leases; every address perfdhcp was ACKed is bound in the table, and
@@ -117,6 +129,11 @@ class Cerana:
     def stop(self):
         for proc in self.procs:
             proc.stop()
+
+
+def _peer_lines(log):
+    marker = "cerana_bootserver.peers: "
+    return [line.split(marker, 1)[1] for line in log.splitlines() if marker in line]
 
 
 class Daemon:
@@ -145,7 +162,7 @@ class Daemon:
 
 def dnsmasq(work):
     d = work / "dnsmasq"
-    d.mkdir()
+    d.mkdir(parents=True)
     argv = [shutil.which("dnsmasq"), "--keep-in-foreground", "--port=0", "--no-resolv", "--no-hosts", "--no-ping",
             "--conf-file=/dev/null", "--interface=eth0", "--dhcp-authoritative",
             "--dhcp-range=%s,%s,255.255.240.0,%d" % (RANGE[0], RANGE[1], LEASE),
@@ -156,7 +173,7 @@ def dnsmasq(work):
 
 def kea(work):
     d = work / "kea"
-    d.mkdir()
+    d.mkdir(parents=True)
     conf = {"Dhcp4": {
         "interfaces-config": {"interfaces": ["eth0"]},
         "lease-database": {"type": "memfile", "persist": True, "name": str(d / "leases.csv"), "lfc-interval": 0},
@@ -184,16 +201,18 @@ def machine():
     }
 
 
-def record(info, args, res):
+def record(info, args, res, rounds=1, ratios=None):
     doc = REPO / "docs" / "benchmarks.md"
     text = doc.read_text()
     if "\n## DHCP" not in text:
         raise SystemExit("docs/benchmarks.md has no '## DHCP' section to append to")
     d, c1, c3, k = res["dnsmasq"], res["cerana x1"], res["cerana x3"], res["kea"]
-    row = ("| %s | %s | %s | %s | %s | %d clients, %d s | %.0f | %.0f | %.0f | %.0f | %.2f | %.2f | "
+    run = "%d clients, %d s" % (args.clients, args.duration) + (", median of %d" % rounds if rounds > 1 else "")
+    x1, x3 = (ratios["cerana x1"], ratios["cerana x3"]) if ratios else (c1["rate"] / d["rate"], c3["rate"] / d["rate"])
+    row = ("| %s | %s | %s | %s | %s | %s | %.0f | %.0f | %.0f | %.0f | %.2f | %.2f | "
            "%.1f / %.1f / %.1f / %.1f | %d |") % (
-        info["date"], info["nproc"], info["free"], info["cpu"], info["load"], args.clients, args.duration,
-        c1["rate"], c3["rate"], d["rate"], k["rate"], c1["rate"] / d["rate"], c3["rate"] / d["rate"],
+        info["date"], info["nproc"], info["free"], info["cpu"], info["load"], run,
+        c1["rate"], c3["rate"], d["rate"], k["rate"], x1, x3,
         c1["lat_ms"], c3["lat_ms"], d["lat_ms"], k["lat_ms"], c1["dups"] + c3["dups"],
     )  # fmt: skip
     rows = text.splitlines()
@@ -206,6 +225,17 @@ def record(info, args, res):
     doc.write_text("\n".join([*rows[:end], row, *rows[end:]]).rstrip("\n") + "\n")
 
 
+def median_of(rounds):
+    """The median of every figure over the rounds (dups: the sum), per setup."""
+    out = {}
+    for label in rounds[0]:
+        runs = [r[label] for r in rounds if label in r]
+        out[label] = {key: statistics.median(run[key] for run in runs) for key in ("rate", "lat_ms", "lat_drops")}
+        out[label]["dups"] = sum(run["dups"] for run in runs)
+        out[label]["rates"] = [run["rate"] for run in runs]
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=1000, help="simulated clients (perfdhcp -R)")
@@ -215,6 +245,7 @@ def main():
     parser.add_argument("--only", action="append", help="run only these setups (cerana1, cerana3, dnsmasq, kea)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a cerana-bootserver setting, e.g. workers=8 (default: the defaults)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of all setups, interleaved (medians reported)")
     parser.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md (DHCP)")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -228,7 +259,7 @@ def main():
     if args.only:
         setups = [s for s in setups if s[1] in args.only]
     work = Path(tempfile.mkdtemp(prefix="cerana-dhcp-bench-"))
-    results = {}
+    rounds = []
     lab = netlab.Lab(BRIDGE, HOST_IP, [*SERVERS, CLIENT_NS], prefixlen=20)
     try:
         with lab:
@@ -237,44 +268,59 @@ def main():
             lab.add(CLIENT_NS, "52:54:00:96:00:0a", CLIENT_IP)
             agent = netlab.BridgeConsul(HOST_IP).start()
             try:
-                for n, (label, key) in enumerate(setups):
-                    if key.startswith("cerana"):
-                        names = list(SERVERS)[: 3 if key == "cerana3" else 1]
-                        server = Cerana(agent, work, names, "bench%d" % n, **dict(s.split("=", 1) for s in args.set))
-                    else:
-                        server = dnsmasq(work) if key == "dnsmasq" else kea(work)
-                    try:
-                        tput = perfdhcp(args.rate, args.clients, args.duration, leases=True)
-                        lat = perfdhcp(args.latency_rate, args.clients, args.duration, leases=True)
-                        check = server.check(tput["leases"] + lat["leases"])
-                    finally:
-                        server.stop()
-                    res = {"rate": tput["rate"], "lat_ms": (lat["do_avg_ms"] or 0) + (lat["ra_avg_ms"] or 0),
-                           "lat_do_ms": lat["do_avg_ms"], "lat_ra_ms": lat["ra_avg_ms"],
-                           "lat_drops": (lat["do_drops"] or 0) + (lat["ra_drops"] or 0), "lat_rate": lat["rate"],
-                           "tput": {k: v for k, v in tput.items() if k != "leases"}, "check": check,
-                           "dups": check.get("dups", 0)}  # fmt: skip
-                    results[label] = res
-                    print("%-10s %8.1f DORA/s   latency %6.1f ms (DO %.1f + RA %.1f) at %d/s, %d drops   %s" % (
-                        label, res["rate"], res["lat_ms"], res["lat_do_ms"] or 0, res["lat_ra_ms"] or 0,
-                        args.latency_rate, res["lat_drops"], check or ""), flush=True)  # fmt: skip
+                n = 0
+                for round_no in range(max(1, args.repeat)):
+                    results = {}
+                    for label, key in setups:
+                        n += 1
+                        results[label] = run_setup(agent, work, key, "bench%d" % n, args)
+                        res = results[label]
+                        print("[%d] %-10s %8.1f DORA/s   latency %6.1f ms (DO %.1f + RA %.1f) at %d/s, %d drops  %s" % (
+                            round_no + 1, label, res["rate"], res["lat_ms"], res["lat_do_ms"] or 0,
+                            res["lat_ra_ms"] or 0, args.latency_rate, res["lat_drops"], res["check"] or ""),
+                            flush=True)  # fmt: skip
+                    rounds.append(results)
             finally:
                 agent.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info = machine()
+    results = rounds[0] if len(rounds) == 1 else median_of(rounds)
+    ratios = {}
     if "dnsmasq" in results:
-        base = results["dnsmasq"]["rate"]
-        for label, res in results.items():
-            print("%-10s %.2f x dnsmasq's rate" % (label, res["rate"] / base if base else float("nan")))
+        for label in results:
+            per_round = [r[label]["rate"] / r["dnsmasq"]["rate"] for r in rounds if r["dnsmasq"]["rate"]]
+            ratios[label] = statistics.median(per_round) if per_round else float("nan")
+            print("%-10s %.2f x dnsmasq's rate (median of the rounds' ratios; rounds: %s)" % (
+                label, ratios[label], ", ".join("%.2f" % x for x in per_round)))  # fmt: skip
     print(json.dumps(info))
     print(json.dumps(results, indent=1))
     bad = [label for label, res in results.items() if res["dups"]]
     if bad:
         print("DUPLICATE ADDRESSES in %s" % ", ".join(bad), file=sys.stderr)
     if args.record and len(results) == 4:
-        record(info, args, results)
+        record(info, args, results, len(rounds), ratios)
     return 1 if bad else 0
+
+
+def run_setup(agent, work, key, prefix, args):
+    """One setup from an empty lease state: the throughput run, the latency run, the duplicate check."""
+    if key.startswith("cerana"):
+        names = list(SERVERS)[: 3 if key == "cerana3" else 1]
+        server = Cerana(agent, work, names, prefix, **dict(s.split("=", 1) for s in args.set))
+    else:
+        server = dnsmasq(work / prefix) if key == "dnsmasq" else kea(work / prefix)
+    try:
+        tput = perfdhcp(args.rate, args.clients, args.duration, leases=True)
+        lat = perfdhcp(args.latency_rate, args.clients, args.duration, leases=True)
+        check = server.check(tput["leases"] + lat["leases"])
+    finally:
+        server.stop()
+    return {"rate": tput["rate"], "lat_ms": (lat["do_avg_ms"] or 0) + (lat["ra_avg_ms"] or 0),
+            "lat_do_ms": lat["do_avg_ms"], "lat_ra_ms": lat["ra_avg_ms"],
+            "lat_drops": (lat["do_drops"] or 0) + (lat["ra_drops"] or 0), "lat_rate": lat["rate"],
+            "tput": {k: v for k, v in tput.items() if k != "leases"}, "check": check,
+            "dups": check.get("dups", 0)}  # fmt: skip
 
 
 if __name__ == "__main__":

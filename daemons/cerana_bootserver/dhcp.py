@@ -137,6 +137,19 @@ class Packet:
             opts.append((code, bytes(value)))
         object.__setattr__(self, "options", tuple(opts))
 
+    @classmethod
+    def trusted(cls, **fields):
+        """A Packet from fields already in their final form (IPv4Address addresses, ``chaddr`` of 16
+        octets, ``sname``/``file`` without padding, options a tuple of (int, bytes) with each code
+        once), without :meth:`__post_init__`'s checks: what :func:`parse` decoded, or a reply the
+        server core assembled. About ten times cheaper; anything else uses the constructor."""
+        obj = object.__new__(cls)
+        for name, default in _DEFAULTS:
+            object.__setattr__(obj, name, fields.pop(name, default))
+        if fields:
+            raise TypeError("unknown Packet fields: %s" % ", ".join(sorted(fields)))
+        return obj
+
     # -- generic option access ---------------------------------------------------
 
     def get(self, code):
@@ -154,7 +167,7 @@ class Packet:
     @property
     def mac(self):
         """``chaddr`` as ``aa:bb:cc:dd:ee:ff`` (first ``hlen`` octets)."""
-        return ":".join("%02x" % b for b in self.chaddr[: self.hlen])
+        return self.chaddr[: self.hlen].hex(":")
 
     @property
     def broadcast(self):
@@ -297,6 +310,9 @@ class Packet:
 # -- option value encoders ---------------------------------------------------------
 
 
+_DEFAULTS = tuple((f.name, f.default) for f in dataclasses.fields(Packet))
+
+
 def enc_ip(addr):
     return _ip(addr, "address").packed
 
@@ -384,13 +400,16 @@ def parse(data):
             sname = b""
     if OVERLOAD in values:
         raise CodecError("option 52 (overload) inside an overloaded field")
-    return Packet(
+    return Packet.trusted(
         op=op, htype=htype, hlen=hlen, hops=hops, xid=xid, secs=secs, flags=flags,
-        ciaddr=ipaddress.IPv4Address(ci), yiaddr=ipaddress.IPv4Address(yi),
-        siaddr=ipaddress.IPv4Address(si), giaddr=ipaddress.IPv4Address(gi),
-        chaddr=chaddr, sname=sname, file=file,
+        ciaddr=_addr(ci), yiaddr=_addr(yi), siaddr=_addr(si), giaddr=_addr(gi),
+        chaddr=chaddr, sname=sname.rstrip(b"\0"), file=file.rstrip(b"\0"),
         options=tuple((code, bytes(values[code])) for code in order),
     )  # fmt: skip
+
+
+def _addr(packed, _zero=b"\0\0\0\0"):
+    return ZERO if packed == _zero else ipaddress.IPv4Address(packed)
 
 
 def build(packet):

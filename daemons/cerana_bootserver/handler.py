@@ -267,7 +267,7 @@ def respond(packet, intent, outcome, ctx):
         nak = outcome.reason
     if nak is not None:
         opts = ((dhcp.MESSAGE_TYPE, bytes((dhcp.NAK,))), sid, (dhcp.MESSAGE, nak.encode()[:255]))
-        return dhcp.Packet(**base, options=opts)
+        return dhcp.Packet.trusted(**base, options=opts)
     if not isinstance(outcome, Granted):
         return None
     if isinstance(intent, Inform):
@@ -287,10 +287,12 @@ def respond(packet, intent, outcome, ctx):
     ]
     siaddr, file = dhcp.ZERO, b""
     handoff = boot_options(packet, ctx.boot, ctx.server_id)
+    # A plain client's reply is made of checked parts only: no need to check them again.
+    make = dhcp.Packet.trusted if handoff is None else dhcp.Packet
     if handoff is not None:
         siaddr, file, extra = handoff
         opts += extra
-    return dhcp.Packet(
+    return make(
         **base,
         ciaddr=packet.ciaddr if mtype == dhcp.ACK else dhcp.ZERO,
         yiaddr=outcome.ip,

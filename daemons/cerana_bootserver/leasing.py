@@ -138,6 +138,10 @@ class LeaseService:
         cached = self._config
         return cached[:2] if cached is not None else None
 
+    def offered(self, mac):
+        """Whether this server has an offer for ``mac`` that the client has not answered yet."""
+        return mac in self._offers
+
     def forget_trusted(self):
         """The live set of bootservers changed: other servers may write this server's MACs now."""
         with self._lock:

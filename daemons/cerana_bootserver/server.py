@@ -191,6 +191,31 @@ def _is_discover(data):
     return len(data) > 242 and data[240] == dhcp.MESSAGE_TYPE and data[242] == dhcp.DISCOVER
 
 
+def _chosen_server(data):
+    """The server identifier (option 54, 4 raw octets) of a datagram that looks like a DHCPREQUEST
+    (option 53 first), found by a scan of the options without parsing them; None otherwise, and
+    when options are overloaded into ``file``/``sname`` (option 52): the parser decides those."""
+    if not (len(data) > 242 and data[240] == dhcp.MESSAGE_TYPE and data[242] == dhcp.REQUEST):
+        return None
+    i, n, found = 243, len(data), None
+    while i < n:
+        code = data[i]
+        if code == dhcp.END:
+            break
+        if code == dhcp.PAD:
+            i += 1
+            continue
+        if i + 1 >= n or code == dhcp.OVERLOAD:
+            return None
+        length = data[i + 1]
+        if code == dhcp.SERVER_ID:
+            if length != 4 or found is not None:
+                return None  # malformed or repeated (RFC 3396): the parser's turn
+            found = data[i + 2 : i + 6]
+        i += 2 + length
+    return found
+
+
 DRAIN = 256  # datagrams read from the socket per wake-up, at most
 DISCOVER_BUDGET = 16  # DISCOVERs handled per wake-up, at most (the newest; see _Protocol)
 
@@ -316,7 +341,17 @@ class _Protocol(asyncio.DatagramProtocol):
         discover = _is_discover(data)
         if discover and not self._admit(data):
             return None  # another live server owns this MAC
+        if not discover and self.handler is not None and self._elsewhere(data):
+            return None
         return self._received(data, addr, discover)
+
+    def _elsewhere(self, data):
+        """A REQUEST that chose another server, from a client this server offered nothing: nothing to
+        do (most REQUESTs another server's clients broadcast), decided without parsing it."""
+        chosen = _chosen_server(data)
+        if chosen is None or chosen == self.handler.server_id.packed:
+            return False
+        return not self.handler.service.offered(peers.mac_text(data[28:34]))
 
     def _received(self, data, addr, discover):
         if self.handler is None:

@@ -19,7 +19,15 @@ from cerana_bootserver import handler as h
 from cerana_bootserver.batch import Batcher
 from cerana_bootserver.config import Settings
 from cerana_bootserver.leasing import IN_FLIGHT, Commit
-from cerana_bootserver.server import DISCOVER_BUDGET, Pending, Slow, _Protocol, open_socket, serve
+from cerana_bootserver.server import (
+    DISCOVER_BUDGET,
+    Pending,
+    Slow,
+    _chosen_server,
+    _Protocol,
+    open_socket,
+    serve,
+)
 
 IP = ipaddress.IPv4Address
 
@@ -255,9 +263,10 @@ class FakeSocket:
 
 
 class RecordingHandler:
-    def __init__(self):
+    def __init__(self, offered=()):
         self.seen = []
-        self.service = None
+        self.server_id = IP(SERVER)
+        self.service = type("Service", (), {"offered": lambda _self, m: m in offered})()
 
     def fast(self, data, admitted=False):
         self.seen.append(dhcp.parse(data))
@@ -291,6 +300,22 @@ def test_a_discover_of_another_servers_mac_is_dropped_before_parsing():
         proto.datagram_received(dhcp.build(packet(dhcp.DISCOVER, i)), None)
     assert sorted(p.mac for p in handler.seen) == sorted(mac(i) for i in range(60) if gate.owner(mac(i)) == SERVER)
     assert gate.passed == 60 - len(handler.seen) > 0
+
+
+def test_a_request_for_another_server_is_dropped_unparsed_unless_this_server_made_an_offer():
+    ours = dhcp.build(packet(dhcp.REQUEST, 1, requested="10.99.0.50", server=SERVER))
+    theirs = [dhcp.build(packet(dhcp.REQUEST, i, requested="10.99.0.50", server="10.99.0.3")) for i in (2, 3)]
+    renewal = dhcp.build(packet(dhcp.REQUEST, 4, ciaddr="10.99.0.50"))
+    assert _chosen_server(ours) == IP(SERVER).packed and _chosen_server(theirs[0]) == IP("10.99.0.3").packed
+    assert _chosen_server(renewal) is None and _chosen_server(dhcp.build(packet(dhcp.DISCOVER, 5))) is None
+    head = dhcp.build(packet(dhcp.REQUEST, 6))[:243]  # header, cookie, option 53
+    overloaded = head + bytes((dhcp.OVERLOAD, 1, 1, dhcp.SERVER_ID, 4)) + IP("10.99.0.3").packed + b"\xff"
+    assert _chosen_server(overloaded) is None  # option 52: the parser decides
+    handler = RecordingHandler(offered={mac(3)})  # this server offered client 3 an address before
+    proto = _Protocol(None, None, handler=handler)
+    for raw in [ours, *theirs, renewal]:
+        proto.datagram_received(raw, None)
+    assert [p.xid for p in handler.seen] == [1, 3, 4]  # 3: its offer may have to be freed (execute)
 
 
 def test_two_servers_on_loopback_only_the_owner_answers_and_a_dora_is_batched():
