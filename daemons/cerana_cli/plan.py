@@ -20,6 +20,8 @@ import json
 import sys
 import time
 
+from cerana_cli.consul_flags import add_consul_flags, seconds, store_from_args
+
 EXIT_CLEAN, EXIT_ERROR, EXIT_PENDING = 0, 1, 2
 
 
@@ -32,13 +34,10 @@ def compute(args: argparse.Namespace):
     from ansible_collections.cerana.platform.plugins.module_utils import _planner
     from ansible_collections.cerana.platform.plugins.module_utils._clusterstate import read_state
     from ansible_collections.cerana.platform.plugins.module_utils._objects import Objects
-    from ansible_collections.cerana.platform.plugins.module_utils._store import ConnectionSettings, Store, StoreError
+    from ansible_collections.cerana.platform.plugins.module_utils._store import StoreError
 
     try:
-        settings = ConnectionSettings.from_env(
-            address=args.consul_address, prefix=args.kv_prefix, timeout=args.consul_timeout
-        )
-        store = Store(settings)
+        store = store_from_args(args)
         state = read_state(Objects(store), time.time())
     except StoreError as e:
         raise PlanError(str(e)) from None
@@ -76,13 +75,6 @@ def _positive_int(value: str) -> int:
     return n
 
 
-def _seconds(value: str) -> float:
-    n = float(value)
-    if not n >= 0:
-        raise argparse.ArgumentTypeError("must be a number of seconds >= 0, got %s" % value)
-    return n
-
-
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``plan`` command to an argparse subparsers object."""
     parser = subparsers.add_parser(
@@ -106,15 +98,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--grace",
-        type=_seconds,
+        type=seconds,
         default=10.0,
         metavar="SECONDS",
         help="seconds after an apply before a bundle without heartbeat is applied again (default: 10)",
     )
-    parser.add_argument("--consul-address", metavar="URL", help="Consul HTTP address (default: $CONSUL_HTTP_ADDR)")
-    parser.add_argument(
-        "--consul-timeout", type=_seconds, metavar="SECONDS", help="Consul request timeout (default: 10)"
-    )
-    parser.add_argument("--kv-prefix", metavar="PREFIX", help="KV prefix (default: $CERANA_KV_PREFIX or cerana)")
+    add_consul_flags(parser)
     parser.set_defaults(func=run)
     return parser
