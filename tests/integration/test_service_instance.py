@@ -222,9 +222,11 @@ def lab(tmp_path_factory):
             }),
             m.Bundle.from_dict({
                 "id": "shop",
-                "datasets": {"data": {"type": "rw"}, "scratch": {"type": "ramdisk", "quota": 1 << 20}},
+                "datasets": {"data": {"type": "rw"}, "scratch": {"type": "ramdisk", "quota": 1 << 20},
+                             "seed": {"type": "temp", "id": "web-root"}, "junk": {"type": "temp"}},
                 "services": {"web": {"datasets": {
-                    "data": {"mount_point": "/data"}, "scratch": {"mount_point": "/scratch"}}}},
+                    "data": {"mount_point": "/data"}, "scratch": {"mount_point": "/scratch"},
+                    "seed": {"mount_point": "/seed"}, "junk": {"mount_point": "/junk"}}}},
                 "ports": {"8080": {"port": 8080}},
             }),
             m.Bundle.from_dict({"id": "bad", "services": {"web": {"cmd": ["/bin/nope", "-x"]}}}),
@@ -279,7 +281,15 @@ def test_start_check_mode_diff_and_limits(lab: Lab) -> None:
     environ = lab.sh(f"tr '\\0' '\\n' < /proc/{pid}/environ").splitlines()
     assert "GREETING=hello" in environ and not any(e.startswith("INVOCATION_ID=") for e in environ)
     mounts = lab.sh(f"cat /proc/{pid}/mountinfo")
-    assert " /data " in mounts and " /scratch " in mounts
+    assert " /data " in mounts and " /scratch " in mounts and " /seed " in mounts and " /junk " in mounts
+    # temp datasets: a fresh copy of the declared one, an empty scratch one; writes land in
+    # the copy, never in the read-only dataset on the node
+    # (as the sandbox's own user, inside its user and mount namespaces)
+    seen = lab.sh(f"nsenter -t {pid} -U -m -S $(id -u cerana-svc) -G $(id -g cerana-svc) /bin/busybox sh -c "
+                  "'/bin/busybox cat /seed/www/index.html; "
+                  "echo x > /seed/new && echo y > /junk/new && /bin/busybox cat /seed/new /junk/new'")  # fmt: skip
+    assert seen.split() == ["hello", "from", "the", "dataset", "x", "y"]
+    assert lab.sh("ls /var/lib/cerana/datasets/web-root") == "bin\nwww"
     assert lab.sh("stat -c %U /var/lib/cerana/instances/shop/data") == "cerana-svc"
 
 
@@ -338,6 +348,7 @@ def test_stopped_then_absent(lab: Lab) -> None:
     assert not res["failed"] and res["changed"] and not res["active"], res
     assert lab.show("ActiveState", "UnitFileState") == {"ActiveState": "inactive", "UnitFileState": "disabled"}
     assert lab.sh(f"test -e {RECORD} && echo yes || echo no") == "no"
+    assert lab.sh("ls -A /var/lib/cerana/instances/shop/.temp/web") == ""  # the temp copy went with the stop
     assert not lab.playbook("shop", "web", "stopped")["changed"]
     res = lab.playbook("shop", "web", "absent", "--check")
     assert res["changed"] and lab.sh(f"test -e {UNIT_PATH} && echo yes") == "yes"

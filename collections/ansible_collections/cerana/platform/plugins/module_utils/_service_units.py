@@ -29,6 +29,7 @@ UNIT_PREFIX = "cerana-"
 SERVICE_USER = "cerana-svc"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 INSTANCES_DIR = "instances"
+TEMP_DIR = ".temp"  # <data_dir>/instances/<bundle>/.temp/<service>/<name>: per-start copies of temp datasets
 DATASETS_DIR = "datasets"
 # Paths every sandbox gets from bwrap itself; a bundle dataset cannot be mounted there.
 RESERVED = ("/proc", "/dev", "/tmp")
@@ -48,10 +49,12 @@ class MountSpec:
 
     name: str
     mount_point: str
-    type: str  # rw | ramdisk
+    type: str  # rw | ramdisk | temp
     read_only: bool = False
-    source: str | None = None  # host directory (rw)
-    size: int | None = None  # bytes (ramdisk)
+    source: str | None = None  # host directory (rw; temp: the dataset copied at each start, None for an empty one)
+    size: int | None = None  # bytes (ramdisk; temp without a dataset)
+    dataset: str | None = None  # the declared dataset id (temp)
+    scratch: str | None = None  # temp with a dataset: the per-start copy, bound rw into the sandbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +82,11 @@ class InstanceSpec:
     @property
     def record_datasets(self):
         """Dataset ids the instance mounts (its record's ``datasets``)."""
-        return (self.dataset,)
+        return tuple(sorted({self.dataset} | {mt.dataset for mt in self.mounts if mt.dataset}))
+
+    def node_datasets(self):
+        """(dataset id, directory) of every dataset that must be on the node: the root and temp sources."""
+        return [(self.dataset, self.root)] + [(mt.dataset, mt.source) for mt in self.mounts if mt.type == "temp" and mt.source]
 
     def instance_dirs(self):
         """Host directories of the rw mounts, which must exist (owned by the service user)."""
@@ -91,7 +98,7 @@ def build_spec(overlay, service_id, data_dir, run_dir, netns_path=None):
 
     ``netns_path``: the bundle's network namespace on this node (from its network record), if it has one.
 
-    Raises SpecError for what this slice cannot run (a VM, a temp dataset).
+    Raises SpecError for what this path cannot run (a VM).
     """
     bundle_id = overlay["id"]
     svc = overlay["services"].get(service_id)
@@ -115,10 +122,14 @@ def build_spec(overlay, service_id, data_dir, run_dir, netns_path=None):
             mounts.append(MountSpec(name, mp, "rw", bool(mount.get("read_only")), source=source))
         elif bds["type"] == "ramdisk":
             mounts.append(MountSpec(name, mp, "ramdisk", bool(mount.get("read_only")), size=bds["quota"]))
-        else:
-            raise SpecError(
-                "bundle dataset %s: type %s is not supported yet (rw and ramdisk are)" % (name, bds["type"])
-            )
+        else:  # temp: a fresh copy of the declared dataset at each start, or an empty scratch tmpfs
+            ds_id = bds.get("id")
+            source = os.path.join(data_dir, DATASETS_DIR, ds_id) if ds_id else None
+            scratch = os.path.join(data_dir, INSTANCES_DIR, bundle_id, TEMP_DIR, service_id, name) if ds_id else None
+            mounts.append(
+                MountSpec(name, mp, "temp", bool(mount.get("read_only")), source=source, size=bds.get("quota"),
+                          dataset=ds_id, scratch=scratch)
+            )  # fmt: skip
     limits = svc.get("limits") or {}
     return InstanceSpec(
         bundle=bundle_id,
@@ -255,8 +266,13 @@ def bwrap_argv(spec, entries, bwrap="/usr/bin/bwrap", uid=None, gid=None):
     for mt in spec.mounts:
         if mt.type == "rw":
             argv += ["--ro-bind" if mt.read_only else "--bind", mt.source, mt.mount_point]
-        else:  # ramdisk
-            argv += ["--perms", "0755", "--size", str(mt.size), "--tmpfs", mt.mount_point]
+        elif mt.type == "temp" and mt.scratch:
+            argv += ["--ro-bind" if mt.read_only else "--bind", mt.scratch, mt.mount_point]
+        else:  # ramdisk, or a temp dataset with nothing under it
+            argv += ["--perms", "0755"]
+            if mt.size:
+                argv += ["--size", str(mt.size)]
+            argv += ["--tmpfs", mt.mount_point]
             if mt.read_only:
                 argv += ["--remount-ro", mt.mount_point]
     argv += ["--remount-ro", "/"]
@@ -291,6 +307,18 @@ def record_script(spec):
     )
 
 
+def temp_copy_script(mount, user):
+    """Shell script (run as root) making ``mount.scratch`` a fresh, writable copy of ``mount.source``
+    owned by ``user``: copy next to it, then rename, so a half-made copy is never mounted."""
+    new = mount.scratch + ".new"
+    q = shlex.quote
+    return (
+        "set -e; rm -rf {new} {dst}; mkdir -p {parent}; cp -a --reflink=auto {src} {new}; "
+        "chown -R {user}:{user} {new}; chmod -R u+w {new}; mv {new} {dst}"
+    ).format(new=q(new), dst=q(mount.scratch), parent=q(os.path.dirname(mount.scratch)), src=q(mount.source),
+             user=q(user))  # fmt: skip
+
+
 def render_unit(spec, entries, bwrap="/usr/bin/bwrap", user=SERVICE_USER, restart_sec=1):
     """The unit file text. Same spec and dataset layout -> the same bytes."""
     lines = [
@@ -308,6 +336,12 @@ def render_unit(spec, entries, bwrap="/usr/bin/bwrap", user=SERVICE_USER, restar
         "Type=exec",
         "User=%s" % user,
         "Group=%s" % user,
+    ]
+    for mt in spec.mounts:  # temp datasets: a fresh copy before each start, removed after each stop
+        if mt.type == "temp" and mt.scratch:
+            lines.append("ExecStartPre=+/bin/sh -c %s" % systemd_quote(temp_copy_script(mt, user)))
+            lines.append("ExecStopPost=+/bin/rm -rf %s" % systemd_quote(mt.scratch))
+    lines += [
         "ExecStart=%s" % " ".join(systemd_quote(a) for a in bwrap_argv(spec, entries, bwrap)),
         "ExecStartPost=+/bin/sh -c %s" % systemd_quote(record_script(spec)),
         "Restart=on-failure",

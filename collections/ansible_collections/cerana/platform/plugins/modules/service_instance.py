@@ -289,11 +289,12 @@ def listening_in(module, netns_path):
 
 def preflight(module, spec):
     """Everything that can be checked before writing anything: returns (entries, bwrap path)."""
-    if not os.path.isdir(spec.root):
-        raise InstanceError(
-            "dataset %s of service %s is not on this node (no directory %s)" % (spec.dataset, spec.service, spec.root),
-            dataset=spec.dataset,
-        )
+    for dataset, directory in spec.node_datasets():
+        if not os.path.isdir(directory):
+            raise InstanceError(
+                "dataset %s of service %s is not on this node (no directory %s)" % (dataset, spec.service, directory),
+                dataset=dataset,
+            )
     entries = su.root_entries(spec.root)
     path_env = dict(spec.env).get("PATH", su.DEFAULT_PATH)
     if su.find_command(spec.root, spec.cmd[0], path_env) is None:
