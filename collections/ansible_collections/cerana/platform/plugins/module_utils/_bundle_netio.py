@@ -640,7 +640,7 @@ def renew_leases(store, node_id, run_dir, service_network, *, duration=None, now
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    bundle: str
+    bundle: str | None  # None: only the node's side (bridge, vxlan overlay, the node's address)
     node_id: str
     run_dir: str = "/run/cerana"
     bridge: str = bn.BRIDGE
@@ -746,8 +746,10 @@ def present(store, opts, check_mode=False):
     if not HAS_PYROUTE2:
         raise NetError("the pyroute2 Python library is required: %s" % PYROUTE2_IMPORT_ERROR)
     objects = Objects(store)
-    if objects.get("bundle", opts.bundle) is None:
+    if opts.bundle is not None and objects.get("bundle", opts.bundle) is None:
         raise NetError("bundle %s is not declared" % opts.bundle)
+    if opts.bundle is None:
+        return node_present(store, objects, opts, check_mode)
     net = service_network(objects)
     nodes = objects.nodes()
     pool = L.Pool(net=net)
@@ -841,6 +843,50 @@ def present(store, opts, check_mode=False):
         "record": after.to_dict() if after is not None else None,
         "before": before.to_dict() if before is not None else None,
     }
+
+
+def node_present(store, objects, opts, check_mode=False):
+    """Only the node's side: the bridge with the node's service address, the vxlan overlay to the
+    live nodes, forwarding. Every node needs it to publish ports, bundles or not."""
+    net = service_network(objects)
+    nodes = objects.nodes()
+    pool = L.Pool(net=net)
+    ls = L.LeaseStore(store, pool=bn.POOL, server=opts.node_id)
+    changes = Changes(check_mode)
+    with node_lock(opts.run_dir, check_mode), IPRoute() as ipr:
+        have = observe_node(ipr, opts.bridge, opts.vxlan)
+        if not have.forwarding and not os.access(FORWARDING, os.W_OK):
+            raise NetError(
+                "net.ipv4.ip_forward is 0 on this node and cannot be set from inside it (%s is read-only, as in a "
+                "container); enable it where the node's network namespace is made" % FORWARDING
+            )
+        peers = tuple(bn.overlay_peers(nodes, opts.node_id, net, own_addresses=have.own_addresses))
+
+        def want(lease):
+            return NodeWant(
+                node_id=opts.node_id, address="%s/%d" % (lease.ip, net.prefixlen) if lease else None, peers=peers,
+                bridge=opts.bridge, vxlan=opts.vxlan, vni=opts.vni, port=opts.port, mtu=opts.mtu,
+            )  # fmt: skip
+
+        plan_node(have, want(None))  # conflicts fail here, before anything changes
+        applier = Applier(ipr, changes)
+        try:
+            lease, _new = _lease(
+                ls, pool, bn.bridge_mac(opts.node_id), opts.hostname or opts.bridge, opts.lease_duration, changes,
+                "bridge %s of this node" % opts.bridge,
+            )  # fmt: skip
+            applier.apply(plan_node(have, want(lease)))
+        except BaseException:
+            changes.rollback()
+            applier.close()
+            raise
+        applier.close()
+    return {
+        "changed": bool(changes.actions), "actions": changes.actions, "address": None,
+        "prefix_len": net.prefixlen, "gateway": lease.ip if lease is not None else None, "netns": None,
+        "netns_path": None, "mac": bn.bridge_mac(opts.node_id), "host_veth": None, "peers": list(peers),
+        "record": None, "before": None,
+    }  # fmt: skip
 
 
 def absent(store, opts, check_mode=False):

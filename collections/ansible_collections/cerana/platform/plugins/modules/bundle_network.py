@@ -43,9 +43,13 @@ attributes:
     support: partial
 options:
   bundle:
-    description: The bundle id. With O(state=present) the bundle must be declared.
+    description:
+      - The bundle id. With O(state=present) the bundle must be declared.
+      - Left out with O(state=present), only the node's side is made (the bridge with the node's service address,
+        the vxlan overlay to the live nodes, forwarding), which every node needs to publish ports and reach the
+        bundles of other nodes; the C(cerana.platform.node_tick) role does this on every node.
+      - Required with O(state=absent).
     type: str
-    required: true
   state:
     description:
       - V(present) - the namespace, veth pair, address, routes and record exist (and the node's bridge and vxlan).
@@ -107,6 +111,10 @@ EXAMPLES = r"""
   cerana.platform.bundle_network:
     bundle: shop
     state: absent
+
+- name: Only join this node to the service network (bridge, overlay, the node's address)
+  cerana.platform.bundle_network:
+    state: present
 """
 
 RETURN = r"""
@@ -176,7 +184,7 @@ from ansible_collections.cerana.platform.plugins.module_utils._ansible import CO
 from ansible_collections.cerana.platform.plugins.module_utils._store import StoreError
 
 ARGUMENT_SPEC = dict(
-    bundle=dict(type="str", required=True),
+    bundle=dict(type="str"),
     state=dict(type="str", default="present", choices=["present", "absent"]),
     node_id=dict(type="str"),
     run_dir=dict(type="path", default="/run/cerana"),
@@ -201,7 +209,9 @@ def _ifname(value, field):
 def options(module):
     """Validated options (before any I/O); raises ValidationError naming the option."""
     p = module.params
-    bundle = m._label(p["bundle"], "bundle")
+    bundle = m._label(p["bundle"], "bundle") if p["bundle"] is not None else None
+    if bundle is None and p["state"] == "absent":
+        raise m.ValidationError("bundle", "is required with state=absent (the node's own side is never removed)")
     node_id = m._label(p["node_id"], "node_id") if p["node_id"] else bnio.read_node_id()
     bridge = _ifname(p["bridge"], "bridge")
     vxlan = _ifname(p["vxlan"], "vxlan")
@@ -238,7 +248,7 @@ def main():
     except StoreError as e:
         module.fail_json(msg=str(e))
     before = result.pop("before")
-    if module._diff:
+    if module._diff and module.params["bundle"] is not None:
         path = bn.network_record_path(module.params["run_dir"], module.params["bundle"])
         result["diff"] = {"before": before or {}, "after": result["record"] or {}, "before_header": path,
                           "after_header": path}  # fmt: skip
