@@ -37,13 +37,14 @@ class _JobConflict(CasConflict):
 
 
 class _Job:
-    __slots__ = ("claim", "future", "keys", "ops")
+    __slots__ = ("claim", "future", "keys", "ops", "prepare")
 
-    def __init__(self, ops, future, claim):
+    def __init__(self, ops, future, claim, prepare):
         self.ops = ops
         self.keys = frozenset(op["KV"]["Key"] for op in ops)
         self.future = future
         self.claim = claim
+        self.prepare = prepare
 
 
 class Batcher:
@@ -72,11 +73,14 @@ class Batcher:
         """Whether a new job should be shed: claims (new offers) from half the limit on."""
         return len(self.queue) >= (self.limit // 2 if claim else self.limit)
 
-    def submit(self, ops, *, claim=False):
+    def submit(self, ops, *, claim=False, prepare=None):
+        """Queue ``ops``; ``prepare()``, when given, is called as the job goes into a transaction and
+        returns its operations then (on the same keys): e.g. against a modify index that an earlier
+        job of the same key, which this one waited for, has just written."""
         if len(ops) > self.max_ops:
             raise ValueError("a job of %d operations exceeds a transaction (%d)" % (len(ops), self.max_ops))
         future = asyncio.get_running_loop().create_future()
-        self.queue.append(_Job(ops, future, claim))
+        self.queue.append(_Job(ops, future, claim, prepare))
         self._kick()
         return future
 
@@ -102,6 +106,8 @@ class Batcher:
             if job.keys & keys or job.keys & self.busy_keys:
                 rest.append(job)  # keeps its place for the next transaction
                 continue
+            if job.prepare is not None:
+                job.ops = job.prepare()
             batch.append(job)
             ops += len(job.ops)
             keys |= job.keys
@@ -140,7 +146,9 @@ class Batcher:
             for job in batch:  # cancelled while in flight (the server stops)
                 self._finish(job, cancel=True)
             self.running -= 1
-            self._kick()
+            # After the callbacks of the jobs just finished (call_soon keeps the order): a job that
+            # waited for one of their keys prepares its operations from what they wrote.
+            asyncio.get_running_loop().call_soon(self._kick)
 
     def _finish(self, job, *, result=None, exc=None, cancel=False):
         self.busy_keys -= job.keys

@@ -62,7 +62,7 @@ class Settings:
     """Seconds between heartbeats in ``<pool>/servers/``; 0: no owner rule (every server answers every client)."""
     peer_ttl: float = 5.0
     """Seconds a heartbeat counts: a server that stops beating (killed) loses its MACs after this long."""
-    peer_fallback: float = 2.0
+    peer_fallback: float = 1.0
     """Seconds a client must have been trying (``secs``, or its DISCOVER heard again) before a server that does
     not own its MAC answers it."""
     next_server: str = ""

@@ -51,6 +51,7 @@ class Commit:
     done: object
     failed: object
     claim: bool = False  # a new MAC's claim (an OFFER): shed first under overload
+    prepare: object = None  # () -> ops, called as the commit goes into a transaction (see batch.py)
 
 
 class LeaseService:
@@ -394,14 +395,26 @@ class LeaseService:
         return self._bind(intent, cfg, known, 1)
 
     def _bind(self, intent, cfg, known, tries):
-        """The Commit of binding ``intent.ip`` against ``known`` (the lease as this server last saw it)."""
+        """The Commit of binding ``intent.ip`` against ``known`` (the lease as this server last saw it).
+
+        When the commit waited in the batcher behind another write of the same lease by this
+        server (the same client's previous exchange), it binds against that write instead.
+        """
         mac, ls = intent.mac, self._pure
         if known is None or known.ip != str(intent.ip) or not known.owned_by(mac) or not known.index:
             return None
-        new = ls.bound(known, cfg.lease_duration, self.clock(), intent.hostname)
+        state = {"known": known, "new": ls.bound(known, cfg.lease_duration, self.clock(), intent.hostname)}
+
+        def prepare():
+            with self._lock:
+                later = self._cache.get(mac)
+            if later is not None and later.ip == known.ip and later.index > state["known"].index:
+                state["known"] = later
+                state["new"] = ls.bound(later, cfg.lease_duration, self.clock(), intent.hostname)
+            return ls.rewrite_ops(state["known"], state["new"])
 
         def done(results):
-            lease = ls.written(new, results)
+            lease = ls.written(state["new"], results)
             with self._lock:
                 self._cache[mac] = lease
                 self._trusted[mac] = lease
@@ -412,17 +425,17 @@ class LeaseService:
             with self._lock:
                 later = self._cache.get(mac)
                 self.counts["binds_stale"] += 1
-                if tries < 3 and later is not None and later.index > known.index:
+                if tries < 3 and later is not None and later.index > state["known"].index:
                     # This server wrote the lease since (the same client's previous exchange,
-                    # batched just before this one): bind against that.
+                    # in the same transaction or just before): bind against that.
                     return self._bind(intent, cfg, later, tries + 1)
                 # Somebody else changed the lease: what we knew is stale.
                 self._trusted.pop(mac, None)
-                if self._cache.get(mac) == known:
+                if self._cache.get(mac) == state["known"]:
                     del self._cache[mac]
             return None
 
-        return Commit(ls.rewrite_ops(known, new), done, failed)
+        return Commit(ls.rewrite_ops(known, state["new"]), done, failed, prepare=prepare)
 
     def after_failure(self, intent, err):
         """A commit failed for another reason than a lost compare-and-swap: the outcome when Consul

@@ -82,7 +82,7 @@ class Gate:
     REQUEST of ``mac``: it owns the MAC, or the client has been trying for ``fallback`` seconds.
     """
 
-    def __init__(self, me, *, fallback=2.0):
+    def __init__(self, me, *, fallback=1.0):
         self.me = me
         self.fallback = fallback
         self.live = (me,)

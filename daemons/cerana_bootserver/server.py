@@ -366,7 +366,7 @@ class _Protocol(asyncio.DatagramProtocol):
         if isinstance(got, Pending) and self.batcher is not None:
             if self.batcher.full(got.commit.claim):
                 return self._overloaded(len(self.batcher.queue), self.batcher.limit)
-            future = self.batcher.submit(got.commit.ops, claim=got.commit.claim)
+            future = self.batcher.submit(got.commit.ops, claim=got.commit.claim, prepare=got.commit.prepare)
             future.add_done_callback(lambda f, got=got: self._committed(got, f))
             return None
         if isinstance(got, Slow):
@@ -395,7 +395,7 @@ class _Protocol(asyncio.DatagramProtocol):
                 retry = got.commit.failed(getattr(err, "keys", None) or frozenset((err.key,)))
                 if retry is not None:
                     got.commit = retry
-                    future = self.batcher.submit(retry.ops, claim=retry.claim)
+                    future = self.batcher.submit(retry.ops, claim=retry.claim, prepare=retry.prepare)
                     future.add_done_callback(lambda f, got=got: self._committed(got, f))
                     return
                 outcome = None

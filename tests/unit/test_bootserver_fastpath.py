@@ -242,6 +242,27 @@ def test_batcher_never_puts_one_key_twice_in_flight_and_respects_the_size_limit(
     asyncio.run(main())
 
 
+def test_the_same_clients_next_binding_waits_and_binds_against_the_first():
+    store, service, hd = make()
+    service.config_refresh = 3600
+    ip, _ = dora(hd, store, 3)
+    intent = h.Ack(mac(3), ip, "selecting")
+
+    async def main():
+        batcher = Batcher(AsyncStore(store), in_flight=2)
+        outcomes, futures = [], []
+        for commit in (service.fast(intent), service.fast(intent)):  # both made from the same lease
+            future = batcher.submit(commit.ops, prepare=commit.prepare)
+            future.add_done_callback(lambda f, c=commit: f.exception() or outcomes.append(c.done(f.result())))
+            futures.append(future)
+        await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+        await asyncio.sleep(0)  # the done callbacks
+        return outcomes, batcher
+
+    outcomes, batcher = asyncio.run(main())
+    assert outcomes == [h.Granted(ip)] * 2 and batcher.conflicts == 0 and batcher.transactions == 2
+
+
 # -- the transport: shedding and the owner rule -----------------------------------------------------
 
 
