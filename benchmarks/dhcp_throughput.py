@@ -294,7 +294,7 @@ def main():
             print("%-10s %.2f x dnsmasq's rate (median of the rounds' ratios; rounds: %s)" % (
                 label, ratios[label], ", ".join("%.2f" % x for x in per_round)))  # fmt: skip
     print(json.dumps(info))
-    print(json.dumps(results, indent=1))
+    print(json.dumps({"result": results, "rounds": rounds} if len(rounds) > 1 else results, indent=1))
     bad = [label for label, res in results.items() if res["dups"]]
     if bad:
         print("DUPLICATE ADDRESSES in %s" % ", ".join(bad), file=sys.stderr)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 SEEN_MAX = 65536
 TAKEN_MAX = 4096  # addresses remembered as taken by others (forgotten all at once beyond that)
 IN_FLIGHT = "an offer to this client is being written"
+CLAIM_WAIT = 5.0  # seconds a retransmitted DISCOVER waits for the first one's claim, at most
 
 
 @dataclasses.dataclass
@@ -82,7 +83,7 @@ class LeaseService:
         # changed: while it owns the MAC nobody else writes it, so an OFFER can be made from it.
         self._trusted = {}
         self._pure = L.LeaseStore(None, **self.lease_args)  # builds leases and operations, no I/O
-        self._claiming = set()  # MACs whose first claim is on its way to Consul
+        self._claiming = {}  # mac -> when its first claim went on its way to Consul (monotonic)
         self.counts = collections.Counter()  # what the non-blocking way did (the periodic log line)
         self._taken = set()  # addresses a claim found taken (skipped by the next claims)
         self.online = None  # None (unknown), True, False
@@ -330,7 +331,8 @@ class LeaseService:
                 self._offers[mac] = lease
                 self.counts["offers_known"] += 1
                 return h.Granted(ipaddress.IPv4Address(lease.ip))
-            if mac in self._claiming:
+            since = self._claiming.get(mac)
+            if since is not None and time.monotonic() - since < CLAIM_WAIT:
                 return h.Silent(IN_FLIGHT)  # a retransmission: the first DISCOVER's offer is on its way
             if mac in self._seen:
                 return None  # heard of before but nothing trusted about it: read the table
@@ -343,7 +345,7 @@ class LeaseService:
         got = self._claim(pool, mac, intent.requested, intent.hostname, now, skip, 1)
         if got is not None:
             with self._lock:
-                self._claiming.add(mac)
+                self._claiming[mac] = time.monotonic()
         return got
 
     def _claim(self, pool, mac, requested, hostname, now, skip, tries):
@@ -357,7 +359,7 @@ class LeaseService:
         ip = ls.first_candidate(pool, mac, requested, skip=skip)
         if ip is None:
             with self._lock:
-                self._claiming.discard(mac)
+                self._claiming.pop(mac, None)
             return None
         new = ls.offer_lease(ip, mac, now, hostname)
         mac_key = L.mac_key(mac, ls.pool_name)
@@ -367,14 +369,14 @@ class LeaseService:
             with self._lock:
                 self._offers[mac] = lease
                 self._trusted[mac] = lease
-                self._claiming.discard(mac)
+                self._claiming.pop(mac, None)
             return h.Granted(ip)
 
         def failed(keys):
             with self._lock:
                 if mac_key in keys or tries >= ls.max_probes:
                     self.counts["claims_mac_known" if mac_key in keys else "claims_given_up"] += 1
-                    self._claiming.discard(mac)
+                    self._claiming.pop(mac, None)
                     return None
                 self.counts["claims_address_taken"] += 1
                 if len(self._taken) >= TAKEN_MAX:
@@ -437,12 +439,18 @@ class LeaseService:
 
         return Commit(ls.rewrite_ops(known, state["new"]), done, failed, prepare=prepare)
 
+    def abandon(self, intent):
+        """The commit of ``intent`` was not sent (the batcher is full): forget that it is under way."""
+        if isinstance(intent, h.Offer):
+            with self._lock:
+                self._claiming.pop(intent.mac, None)
+
     def after_failure(self, intent, err):
         """A commit failed for another reason than a lost compare-and-swap: the outcome when Consul
         is unreachable (the offline rules), else None (use :meth:`execute`)."""
         if isinstance(intent, h.Offer):
             with self._lock:
-                self._claiming.discard(intent.mac)
+                self._claiming.pop(intent.mac, None)
         if isinstance(err, Unreachable):
             self._went_offline(err)
             cached = self._config

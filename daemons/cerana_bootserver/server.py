@@ -49,10 +49,10 @@ def open_socket(interface, bind_address="0.0.0.0", port=67):
 class Slow:
     """:meth:`Handler.fast` could not answer: run :meth:`Handler.finish` on a worker thread."""
 
-    __slots__ = ("ctx", "data", "intent", "packet")
+    __slots__ = ("admitted", "ctx", "data", "intent", "packet")
 
-    def __init__(self, packet, intent, ctx, data=None):
-        self.packet, self.intent, self.ctx, self.data = packet, intent, ctx, data
+    def __init__(self, packet, intent, ctx, data=None, admitted=False):
+        self.packet, self.intent, self.ctx, self.data, self.admitted = packet, intent, ctx, data, admitted
 
 
 class Pending(Slow):
@@ -122,7 +122,7 @@ class Handler:
             return None, ctx
         return intent, ctx
 
-    def __call__(self, data):
+    def __call__(self, data, *, admitted=False):
         """The blocking way for any datagram (worker thread)."""
         packet = self._parse(data)
         if packet is None:
@@ -131,7 +131,7 @@ class Handler:
         if got is None:
             log.debug("no DHCP configuration yet: ignoring %s", dhcp.describe(packet))
             return None
-        intent, ctx = self._intent(packet, got[0])
+        intent, ctx = self._intent(packet, got[0], admitted=admitted)
         if intent is None:
             return None
         return self.finish(packet, intent, ctx)
@@ -150,7 +150,7 @@ class Handler:
             return None
         got = self.service.cached_config()
         if got is None:
-            return Slow(packet, None, None, data)
+            return Slow(packet, None, None, data, admitted)
         intent, ctx = self._intent(packet, got[0], admitted=admitted)
         if intent is None:
             return None
@@ -166,7 +166,7 @@ class Handler:
     def carry_on(self, slow):
         """The blocking rest of a :class:`Slow` (worker thread)."""
         if slow.intent is None:  # no configuration was cached: the whole way
-            return self(slow.data)
+            return self(slow.data, admitted=slow.admitted)
         return self.finish(slow.packet, slow.intent, slow.ctx)
 
     def reply(self, packet, intent, outcome, ctx):
@@ -365,6 +365,7 @@ class _Protocol(asyncio.DatagramProtocol):
             return None
         if isinstance(got, Pending) and self.batcher is not None:
             if self.batcher.full(got.commit.claim):
+                self.handler.service.abandon(got.intent)
                 return self._overloaded(len(self.batcher.queue), self.batcher.limit)
             future = self.batcher.submit(got.commit.ops, claim=got.commit.claim, prepare=got.commit.prepare)
             future.add_done_callback(lambda f, got=got: self._committed(got, f))
@@ -403,6 +404,7 @@ class _Protocol(asyncio.DatagramProtocol):
                 outcome = self.handler.service.after_failure(got.intent, err)
             else:
                 log.error("unexpected error while writing a lease: %r", err)
+                self.handler.service.abandon(got.intent)
                 return
             if outcome is None:
                 self._blocking(self.handler.carry_on, got, False)

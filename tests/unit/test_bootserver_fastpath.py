@@ -114,6 +114,13 @@ def test_a_retransmitted_discover_waits_for_the_claim_under_way():
     assert service.fast(h.Offer(mac(5), None)) == h.Silent(IN_FLIGHT)
     got.commit.done(store.txn(got.commit.ops))
     assert service.fast(h.Offer(mac(5), None)) == h.Granted(IP(L.LeaseStore(store).lease_of(mac(5)).ip))
+    # a claim the batcher had no room for is forgotten: the client's next DISCOVER is answered
+    full = type("Full", (), {"full": lambda *_: True, "queue": (), "limit": 0})()
+    proto = _Protocol(None, None, handler=hd, batcher=full)
+    proto.datagram_received(dhcp.build(packet(dhcp.DISCOVER, 7)), None)
+    assert proto.dropped == 1 and mac(7) not in service._claiming
+    offer, way = drive(hd, dhcp.build(packet(dhcp.DISCOVER, 7)), store)
+    assert offer.message_type == dhcp.OFFER and way == "blocking"  # heard of before: the table is read
 
 
 def test_a_stale_binding_goes_the_blocking_way_and_the_same_clients_next_exchange_rebinds():
