@@ -174,12 +174,22 @@ def _changed(event: Mapping[str, Any]) -> bool:
     return bool(res.get("changed"))
 
 
+def _with_venv_bin(path: str) -> str:
+    """``path`` with the directory of this Python (its venv's bin/) first, once."""
+    venv_bin = str(Path(sys.executable).parent)
+    parts = [p for p in path.split(os.pathsep) if p and p != venv_bin]
+    return os.pathsep.join([venv_bin, *parts])
+
+
 def inventory_hosts(inventory: str, envvars: Mapping[str, str]) -> dict[str, str]:
     """{node id: host} of a configured inventory, through ``ansible-inventory --list``."""
     import ansible_runner
 
     env = dict(envvars)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
+    env["PATH"] = _with_venv_bin(os.environ.get("PATH", os.defpath))
+    # ansible-runner looks the command up on this process's PATH, not on envvars': a venv's bin/
+    # is not on a service's PATH
+    os.environ["PATH"] = env["PATH"]
     out, err = ansible_runner.get_inventory(
         action="list", inventories=[inventory], response_format="json", envvars=env, quiet=True
     )
