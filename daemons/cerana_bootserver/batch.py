@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 
 from ansible_collections.cerana.platform.plugins.module_utils._store import TXN_MAX_OPS, CasConflict
 
@@ -68,6 +69,7 @@ class Batcher:
         self.transactions = 0
         self.jobs_done = 0
         self.conflicts = 0
+        self.waited = 0.0  # seconds spent waiting for transactions, summed
 
     def full(self, claim=False):
         """Whether a new job should be shed: claims (new offers) from half the limit on."""
@@ -120,10 +122,12 @@ class Batcher:
         try:
             while batch:
                 ops = [op for job in batch for op in job.ops]
+                start = time.monotonic()
                 try:
                     results = await self.txn(ops)
                 except CasConflict as e:
                     self.transactions += 1
+                    self.waited += time.monotonic() - start
                     failed = getattr(e, "keys", None) or frozenset((e.key,))
                     losers = [j for j in batch if j.keys & failed]
                     if not losers:
@@ -134,6 +138,7 @@ class Batcher:
                         self._finish(job, exc=_JobConflict(job.keys & failed, e))
                     continue  # the others again, at once (nothing of them was written)
                 self.transactions += 1
+                self.waited += time.monotonic() - start
                 by_key = {entry.key: entry for entry in results}
                 for job in batch:
                     self._finish(job, result=[by_key[k] for k in job.keys if k in by_key])

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 SEEN_MAX = 65536
-TAKEN_MAX = 4096  # addresses remembered as taken by others (forgotten all at once beyond that)
+TAKEN_MAX = 65536  # addresses remembered as taken (forgotten all at once beyond that)
+TAKEN_RECHECK = 60  # seconds an address a claim found taken (by an unknown lease) is skipped
 IN_FLIGHT = "an offer to this client is being written"
 CLAIM_WAIT = 5.0  # seconds a retransmitted DISCOVER waits for the first one's claim, at most
 
@@ -85,7 +86,8 @@ class LeaseService:
         self._pure = L.LeaseStore(None, **self.lease_args)  # builds leases and operations, no I/O
         self._claiming = {}  # mac -> when its first claim went on its way to Consul (monotonic)
         self.counts = collections.Counter()  # what the non-blocking way did (the periodic log line)
-        self._taken = set()  # addresses a claim found taken (skipped by the next claims)
+        self._taken = {}  # IPv4Address -> until when it is taken, as far as this server knows
+        self.gate = None  # peers.Gate: new clients' claims prefer this server's share of the pool
         self.online = None  # None (unknown), True, False
 
     # -- plumbing -----------------------------------------------------------------
@@ -232,6 +234,7 @@ class LeaseService:
             except L.LeaseError as e:
                 log.warning("no offer for %s: %s", intent.mac, e)
                 return h.Silent(str(e))
+            self._note_taken(lease.ip, lease.expires)
             with self._lock:
                 self._offers[intent.mac] = lease
                 self._trusted[intent.mac] = lease
@@ -250,6 +253,7 @@ class LeaseService:
                 with self._lock:
                     self._trusted.pop(intent.mac, None)
                 return h.Denied(str(e))
+            self._note_taken(lease.ip, lease.expires)
             with self._lock:
                 self._cache[intent.mac] = lease
                 self._trusted[intent.mac] = lease
@@ -271,12 +275,16 @@ class LeaseService:
         if isinstance(intent, h.Release):
             freed = ls.release(intent.mac, intent.ip)
             with self._lock:
+                if freed is not None:
+                    self._taken.pop(ipaddress.IPv4Address(freed.ip), None)
                 self._trusted.pop(intent.mac, None)
                 self._cache.pop(intent.mac, None)
                 self._pending.pop(intent.mac, None)
             return h.Silent("released" if freed else "nothing to release")
         if isinstance(intent, h.Decline):
-            ls.decline(intent.mac, intent.ip)
+            declined = ls.decline(intent.mac, intent.ip)
+            if declined is not None:
+                self._note_taken(declined.ip, declined.expires)
             log.warning("%s declined %s (address in use?): quarantined for %ss", intent.mac, intent.ip, ls.decline_hold)
             with self._lock:
                 self._cache.pop(intent.mac, None)
@@ -339,24 +347,39 @@ class LeaseService:
             self._seen[mac] = True
             if len(self._seen) > SEEN_MAX:
                 self._seen.popitem(last=False)
-            skip = frozenset(self._taken)
         # Most likely new to the whole table: claim its first address, creating its MAC index
         # (CAS index 0 fails for any MAC the table knows; then execute() takes the normal path).
-        got = self._claim(pool, mac, intent.requested, intent.hostname, now, skip, 1)
+        got = self._claim(pool, mac, intent.requested, intent.hostname, now, 1)
         if got is not None:
             with self._lock:
                 self._claiming[mac] = time.monotonic()
         return got
 
-    def _claim(self, pool, mac, requested, hostname, now, skip, tries):
-        """The Commit of claiming ``mac``'s first candidate not in ``skip`` (addresses known taken).
+    def _is_taken(self, ip, now):
+        return self._taken.get(ip, 0) > now
+
+    def _note_taken(self, ip, until):
+        with self._lock:
+            if len(self._taken) >= TAKEN_MAX:
+                self._taken.clear()
+            self._taken[ipaddress.IPv4Address(ip)] = until
+
+    def _mine(self, ip):
+        """Whether ``ip`` is in this server's share of the pool (rendezvous over the live set, as MACs):
+        new clients' claims of two live servers then never meet on one free address."""
+        gate = self.gate
+        return gate is None or len(gate.live) == 1 or gate.owner(str(ip)) == gate.me
+
+    def _claim(self, pool, mac, requested, hostname, now, tries):
+        """The Commit of claiming ``mac``'s first candidate not known to be taken, in this server's
+        share of the pool if one is near the start of the MAC's order.
 
         When only the address was taken, the next candidate is tried (up to ``max_probes``
         claims), all on the non-blocking way; when the MAC index was not new, the blocking way
         reads the MAC's lease.
         """
         ls = self._pure
-        ip = ls.first_candidate(pool, mac, requested, skip=skip)
+        ip = ls.first_candidate(pool, mac, requested, taken=lambda a: self._is_taken(a, now), prefer=self._mine)
         if ip is None:
             with self._lock:
                 self._claiming.pop(mac, None)
@@ -366,6 +389,7 @@ class LeaseService:
 
         def done(results):
             lease = ls.written(new, results)
+            self._note_taken(ip, lease.expires)
             with self._lock:
                 self._offers[mac] = lease
                 self._trusted[mac] = lease
@@ -379,10 +403,8 @@ class LeaseService:
                     self._claiming.pop(mac, None)
                     return None
                 self.counts["claims_address_taken"] += 1
-                if len(self._taken) >= TAKEN_MAX:
-                    self._taken.clear()
-                self._taken.add(ip)
-            return self._claim(pool, mac, None, hostname, now, skip | {ip}, tries + 1)
+            self._note_taken(ip, now + TAKEN_RECHECK)
+            return self._claim(pool, mac, None, hostname, now, tries + 1)
 
         return Commit(ls.claim_ops(new, 0), done, failed, claim=True)
 
@@ -417,6 +439,7 @@ class LeaseService:
 
         def done(results):
             lease = ls.written(state["new"], results)
+            self._note_taken(lease.ip, lease.expires)
             with self._lock:
                 self._cache[mac] = lease
                 self._trusted[mac] = lease

@@ -266,7 +266,7 @@ class _Protocol(asyncio.DatagramProtocol):
             out.update(left_to_peers=self.gate.passed, taken_over=self.gate.taken_over)
         if self.batcher is not None:
             out.update(transactions=self.batcher.transactions, batched=self.batcher.jobs_done,
-                       conflicts=self.batcher.conflicts)  # fmt: skip
+                       conflicts=self.batcher.conflicts, consul_ms=int(self.batcher.waited * 1000))  # fmt: skip
         if self.handler is not None:
             out.update(self.handler.service.counts)
         return out
@@ -467,6 +467,7 @@ async def serve(settings, stop, *, service=None, ready=None, sock=None, txn=None
     batcher = Batcher(txn, max_ops=settings.batch_ops, in_flight=2, limit=4 * settings.backlog)
     if sock is None:
         sock = open_socket(settings.interface, settings.bind_address, settings.port)
+    service.gate = gate
     handler = Handler(settings, service, gate)
     protocol = _Protocol(handler, executor, settings.backlog, handler=handler, batcher=batcher, gate=gate)
     protocol.attach(loop, sock)

@@ -104,6 +104,31 @@ def test_a_claim_moves_on_when_its_address_is_taken_and_reads_when_the_mac_is_kn
     assert service.counts["claims_mac_known"] == 1
 
 
+def test_two_owners_claim_new_clients_from_their_own_shares_of_the_pool():
+    """While both are alive, two servers' claims for their new clients never meet on one address:
+    each takes addresses from its own share (rendezvous over the addresses, as over the MACs)."""
+    store = MemoryStore()
+    ids = (SERVER, "10.99.0.3")
+    services = {}
+    for sid in ids:
+        _, service, _ = make(store=store, server=sid)
+        service.config_refresh = 3600
+        service.config()
+        service.online = True  # as after a first exchange the blocking way
+        service.gate = peers.Gate(sid)
+        service.gate.update(ids)
+        services[sid] = service
+    claimed = {}
+    for i in range(1, 71):
+        sid = peers.owner(mac(i), ids)
+        commit = services[sid].fast(h.Offer(mac(i), None))
+        granted = commit.done(store.txn(commit.ops))  # a conflict would raise here
+        claimed[mac(i)] = granted.ip
+        assert peers.owner(str(granted.ip), ids) == sid
+    assert len(set(claimed.values())) == 70
+    assert sum(s.counts["claims_address_taken"] for s in services.values()) == 0
+
+
 def test_a_retransmitted_discover_waits_for_the_claim_under_way():
     store, service, hd = make()
     service.config_refresh = 3600

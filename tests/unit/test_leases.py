@@ -328,3 +328,21 @@ def test_ack_against_a_stale_known_lease_reads_and_retries(env):
     assert store.calls == 2
     with pytest.raises(L.HeldByOther):  # another MAC's known lease is no shortcut around the read
         ls.ack(p, mac(2), offer.ip, duration=600, known=lease)
+
+
+def test_first_candidate_skips_known_taken_addresses_and_prefers_a_share(env):
+    _, _, ls = env
+    p = pool(gateway="10.99.0.1")
+    order = list(p.candidates(mac(5)))
+    assert ls.first_candidate(p, mac(5)) == order[0]
+    assert ls.first_candidate(p, mac(5), requested="10.99.0.77") == IP("10.99.0.77")
+    assert ls.first_candidate(p, mac(5), requested="10.99.0.1") == order[0]  # the gateway: not usable
+    taken = set(order[:3])
+    assert ls.first_candidate(p, mac(5), taken=taken.__contains__) == order[3]
+    assert ls.first_candidate(p, mac(5), requested=order[0], taken=taken.__contains__) == order[3]
+    odd = lambda ip: int(ip) % 2 == 1  # noqa: E731 - a share of the pool
+    assert ls.first_candidate(p, mac(5), prefer=odd) == next(ip for ip in order if odd(ip))
+    assert ls.first_candidate(p, mac(5), taken=taken.__contains__, prefer=lambda ip: False) == order[3]
+    everything = set(order)
+    assert ls.first_candidate(p, mac(5), taken=everything.__contains__) == order[4 * ls.max_probes]
+    assert ls.first_candidate(pool(reservations={mac(5): "10.99.0.9"}), mac(5)) == IP("10.99.0.9")

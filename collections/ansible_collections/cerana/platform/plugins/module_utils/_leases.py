@@ -428,20 +428,33 @@ class LeaseStore:
             hostname=hostname or lease.hostname,
         )  # fmt: skip
 
-    def first_candidate(self, pool, mac, requested=None, skip=()):
+    def first_candidate(self, pool, mac, requested=None, taken=None, prefer=None):
         """The address an optimistic claim tries for ``mac``: ``requested`` when usable, else the first
-        candidate in the MAC's probe order that is not in ``skip`` (addresses known to be taken)."""
+        candidate in the MAC's probe order that is not known to be taken (``taken(ip)``) and, among
+        the first ``max_probes`` such, that ``prefer(ip)`` (e.g. the caller's share of the pool, so
+        that concurrent allocators do not try the same free address); None when none is usable."""
         if requested is not None:
             try:
                 requested = ipaddress.IPv4Address(requested)
             except ValueError:
                 requested = None
-        if requested is not None and pool.usable(requested, mac):
+        if requested is not None and pool.usable(requested, mac) and not (taken and taken(requested)):
             return requested
+        fallback = None
+        free = 0
         for n, ip in enumerate(pool.candidates(mac)):
-            if ip not in skip or n >= self.max_probes:
+            if taken is not None and taken(ip):
+                if n >= 4 * self.max_probes and fallback is None:
+                    return ip  # everything near the start is known taken: let the claim find out
+                continue
+            if prefer is None or prefer(ip):
                 return ip
-        return None
+            if fallback is None:
+                fallback = ip
+            free += 1
+            if free >= self.max_probes:
+                break
+        return fallback
 
     def offer_lease(self, ip, mac, now, hostname=None):
         """A new offer of ``ip`` to ``mac`` held for ``offer_hold`` seconds from ``now``."""
