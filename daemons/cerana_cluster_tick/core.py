@@ -395,9 +395,17 @@ def host_map(inventory: Mapping[str, Any]) -> dict[str, str]:
             hosts.update(group.get("hosts") or ())
     out = {}
     for host in sorted(hosts):
-        node = (hostvars.get(host) or {}).get("cerana_node_id") or host
+        node = _plain((hostvars.get(host) or {}).get("cerana_node_id")) or host
         out.setdefault(str(node), host)
     return out
+
+
+def _plain(value: Any) -> Any:
+    """A value of ``ansible-inventory --list`` JSON without its tag: ansible-core 2.19 writes
+    variables from inventory plugins as ``{"__ansible_unsafe": "..."}``."""
+    if isinstance(value, Mapping) and len(value) == 1 and "__ansible_unsafe" in value:
+        return value["__ansible_unsafe"]
+    return value
 
 
 def generated_inventory(nodes: Mapping[str, Any], targets: Iterable[str], group_vars: Mapping[str, Any]) -> dict:

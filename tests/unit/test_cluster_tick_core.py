@@ -282,3 +282,11 @@ def test_settings_precedence_and_errors(tmp_path):
     assert "secret" not in json.dumps(
         Settings.load({}, environ={"CONSUL_HTTP_TOKEN": "secret"}, path=conf).redacted(), default=str
     )
+
+
+def test_host_map_reads_tagged_values_of_ansible_core_2_19():
+    # what `ansible-inventory --list` prints for variables set by the cerana.platform.nodes plugin
+    listing = {"_meta": {"hostvars": {"0ece41e2": {"cerana_node_id": {"__ansible_unsafe": "0ece41e2"}},
+                                      "node2": {"cerana_node_id": {"__ansible_unsafe": "bb22"}}}},
+               "cerana_nodes": {"hosts": ["0ece41e2", "node2"]}}  # fmt: skip
+    assert core.host_map(listing) == {"0ece41e2": "0ece41e2", "bb22": "node2"}
