@@ -169,7 +169,7 @@ class Platform:
             capture_output=True,
             text=True,
             env=ansible_env(),
-            timeout=600,
+            timeout=1500,  # site.yml on a loaded 2-core machine has taken 320 s
             check=False,
         )
         elapsed = time.monotonic() - started
