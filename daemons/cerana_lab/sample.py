@@ -89,6 +89,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+http.server.ThreadingHTTPServer.request_queue_size = 128  # socketserver's default backlog is 5
 http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
 '''
 
@@ -115,6 +116,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+http.server.ThreadingHTTPServer.request_queue_size = 128  # socketserver's default backlog is 5
 http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
 '''
 

@@ -246,3 +246,14 @@ def test_the_heartbeat_address_is_an_optional_ipv4_address():
     with pytest.raises(m.ValidationError) as e:
         m.BundleHeartbeat.from_dict({**base, "address": "10.240.0.300"})
     assert e.value.path == "bundle_heartbeat.address" and "IPv4 address" in e.value.reason
+
+
+def test_an_instance_missing_one_of_its_bundles_services_stays_out_of_the_rotation():
+    two = m.Bundle.from_dict({"id": "shop", "services": {"web": {}, "api": {}},
+                              "ports": {80: {"port": 80, "public": True, "external_port": 8080}}})  # fmt: skip
+    partial = hb("shop", "n1", "10.240.0.5")  # reports only "web": "api" is not started yet
+    full = m.BundleHeartbeat(bundle="shop", node="n2", time="2026-11-30T03:04:05Z", address="10.240.0.6",
+                             services={"web": {"state": "running", "health": {}},
+                                       "api": {"state": "running", "health": {}}})  # fmt: skip
+    text = pm.render([two], [partial, full], BRIDGE).text
+    assert dnat_targets(text, 8080) == {"10.240.0.6"}

@@ -91,12 +91,13 @@ def _addresses(values):
     return tuple(sorted(set(values), key=_ip_key))
 
 
-def instance_addresses(heartbeats):
+def instance_addresses(heartbeats, services=None):
     """({bundle: (addresses)}, {bundle: (healthy addresses)}, problems) from bundle heartbeats.
 
     A heartbeat without an address (the bundle has no network on that node) is in neither.
-    An instance is healthy when it has services, all running with every check passing
-    (``BundleHeartbeat.healthy``). An address claimed by two heartbeats is a problem and
+    An instance is healthy when it reports every service of its bundle (``services``:
+    {bundle: set of service ids}, when known), all running with every check passing
+    (``BundleHeartbeat.healthy``): an instance whose front is not started yet stays out. An address claimed by two heartbeats is a problem and
     is left out everywhere: it is stale on one of the nodes.
     """
     owners = {}
@@ -117,7 +118,8 @@ def instance_addresses(heartbeats):
             continue
         hb = hbs[0]
         everyone.setdefault(hb.bundle, []).append(addr)
-        if hb.services and hb.healthy():
+        complete = services is None or set(services.get(hb.bundle, ())) <= set(hb.services)
+        if hb.services and complete and hb.healthy():
             healthy.setdefault(hb.bundle, []).append(addr)
     return (
         {b: _addresses(a) for b, a in everyone.items()},
@@ -135,7 +137,7 @@ def plan(bundles, heartbeats, trusted=()):
     else on its own number; when two bundles publish the same external port, the first
     bundle by id keeps it and the other is a problem.
     """
-    everyone, healthy, problems = instance_addresses(heartbeats)
+    everyone, healthy, problems = instance_addresses(heartbeats, {b.id: set(b.services) for b in bundles})
     trusted = [str(ipaddress.IPv4Address(a)) for a in trusted]
     published, guarded, taken = [], [], {}
     for bundle in sorted(bundles, key=lambda b: b.id):
