@@ -221,6 +221,8 @@ def boot_options(packet, boot, server_id):
     architecture (option 93; a ``PXEClient`` vendor class alone means BIOS): the original
     gave plain PXE ROMs no boot file at all.
     """
+    if all(packet.get(code) is None for code in (dhcp.USER_CLASS, dhcp.CLIENT_ARCH, dhcp.VENDOR_CLASS)):
+        return None  # what pxe.decide says of a client without any of the three options, cheaper
     policy = pxe.BootPolicy(
         next_server=boot.next_server or server_id,
         http_base=boot.http_base or pxe.http_base(str(server_id), 80),
@@ -242,7 +244,19 @@ def _order(options, requested):
     return tuple(head + rest)
 
 
+_NET_OPTIONS = [None]  # (Context, its options): the last one computed (the server has one Context at a time)
+
+
 def _network_options(ctx):
+    cached = _NET_OPTIONS[0]  # one read: another thread may replace it meanwhile
+    if cached is not None and cached[0] is ctx:
+        return list(cached[1])
+    opts = _compute_network_options(ctx)
+    _NET_OPTIONS[0] = (ctx, tuple(opts))
+    return opts
+
+
+def _compute_network_options(ctx):
     opts = [(dhcp.SUBNET_MASK, ctx.net.netmask.packed)]
     if ctx.gateway is not None:
         opts.append((dhcp.ROUTER, ctx.gateway.packed))
