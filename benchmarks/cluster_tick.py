@@ -83,10 +83,9 @@ GOAL_IDLE_MS = 5.0
 LOSS_SLACK = 5.0  # s over node_ttl
 SETTLE = 0.1  # the daemon's default settle: the sleep that separates two passes
 
-# The tick's settings for an inventory generated per run (named by node id, the node's first
-# address, the ssh key the cluster_tick role made). site.yml configures the nodes inventory
-# plugin instead, which the daemon cannot use with ansible-core 2.19 (core.host_map reads
-# cerana_node_id as {"__ansible_unsafe": "<id>"}: every node is "not in the inventory").
+# --inventory generated: the tick's settings for an inventory generated per run (named by node id,
+# the node's first address, the ssh key the cluster_tick role made) instead of site.yml's
+# nodes-plugin file (the default, as deployed).
 GENERATED_INVENTORY = {
     "inventory": "",
     "remote_user": "root",
@@ -735,7 +734,8 @@ def fmt_parts(parts_list: Sequence[Mapping[str, float]]) -> str:
 INTRO = (
     "`benchmarks/cluster_tick.py`: the cerana-cluster-tick daemons on a 3-node nspawn lab deployed by "
     "`site.yml` (Consul servers with ACLs, node tick every 1 s, `node_ttl` 3 s; cluster tick `lock_delay` 1 s, "
-    "`settle` 0.1 s, `grace` 10 s), the sample dataset on 2 nodes (redundancy 2) and the sample bundle (backend "
+    "`settle` 0.1 s, `grace` 10 s, the nodes-plugin inventory site.yml writes), the sample dataset on 2 nodes "
+    "(redundancy 2) and the sample bundle (backend "
     "+ front, health checks every 1 s, a published port, redundancy 2). **d2h**: from the return of the write "
     "that declares a new bundle to both replicas healthy (every service running, every check passing) in their "
     "heartbeats, seen by blocking queries; median / p95 (nearest rank) of n runs, then the medians of the runs "
@@ -792,7 +792,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--external-base", type=int, default=30100, help="first external port of the bundles")
     p.add_argument("--kill-machine", action="store_true", help="also crash a node's machine, last")
     p.add_argument("--workdir", default=None, help="where the lab's temporary files go")
-    p.add_argument("--inventory", choices=("generated", "plugin"), default="generated",
+    p.add_argument("--inventory", choices=("plugin", "generated"), default="plugin",
                    help="the tick's inventory: generated per run, or site.yml's nodes-plugin file")  # fmt: skip
     p.add_argument("--pause-on-failure", type=float, default=0, help="seconds to leave the lab up after a failure")
     p.add_argument("--record", action="store_true", help="append a row to docs/benchmarks.md")
