@@ -105,7 +105,15 @@ class Settings:
         "Python on the nodes that runs the node-level modules (needs py-consul: the node tick's venv)",
     )  # fmt: skip
     host_key_checking: bool = setting(True, parse_bool, "check the nodes' ssh host keys (known_hosts)")
+    pipelining: bool = setting(
+        True, parse_bool, "Ansible pipelining: one ssh round trip per module call (needs no requiretty for sudo)"
+    )
     forks: int = setting(10, parse_int(1, 500), "nodes converged in parallel, at most")
+    service_settle: float = setting(
+        0.0, parse_duration,
+        "seconds a started service must stay up for its task to succeed (service_instance's settle); the tick"
+        " waits for healthy heartbeats itself",
+    )  # fmt: skip
     node_consul_url: str = setting(
         "", _optional_url, "Consul address the nodes use (the modules' consul_url); empty: the node's local agent"
     )

@@ -40,6 +40,12 @@ def fingerprint(node_plan: Any) -> str:
     return hashlib.sha256(data.encode()).hexdigest()[:16]
 
 
+def change_items(node_plan: Any) -> frozenset[str]:
+    """The node's changes as items (``"add_datasets:web-root"``, ``"start_bundles:shop"``...)."""
+    ch = node_plan.changes
+    return frozenset(f"{kind}:{item}" for kind in CHANGE_KINDS for item in getattr(ch, kind))
+
+
 def bundle_services(node_plans: Iterable[Any], bundles: Mapping[str, Any]) -> dict[str, list[str]]:
     """{bundle: [service ids]} of every bundle the node plans start or update (``cerana_bundle_services``)."""
     out: dict[str, list[str]] = {}
@@ -63,15 +69,18 @@ class Retry:
     """A node not to run again before ``not_before`` unless its plan changes.
 
     After a failure (``failures`` >= 1) that is its backoff. After a success (``failures``
-    0) it is the settling time: the same plan again right after a successful run only
-    means that the node's heartbeats have not caught up yet (a dataset copied a moment ago
-    is not reported before the node's next tick), not that the run must be repeated.
+    0) it is the settling time: the same changes again right after a successful run (or
+    only some of them: a bundle's ``cluster/applied`` record lands before the dataset it
+    needs is reported) only mean that the node's heartbeats have not caught up yet (a
+    dataset copied a moment ago is not reported before the node's next tick), not that
+    the run must be repeated. ``changes`` are the :func:`change_items` that run applied.
     """
 
     failures: int
     not_before: float
     fingerprint: str
     error: str
+    changes: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +94,24 @@ def retry_delay(failures: int, initial: float, maximum: float) -> float:
     return min(maximum, initial * (2 ** max(0, min(failures - 1, 30))))
 
 
-def select(changed: Mapping[str, str], retries: Mapping[str, Retry], now: float) -> Selection:
-    """Of the changed nodes ({node: fingerprint}), those that run now and those still backing off."""
+def select(
+    changed: Mapping[str, str],
+    retries: Mapping[str, Retry],
+    now: float,
+    changes: Mapping[str, frozenset[str]] | None = None,
+) -> Selection:
+    """Of the changed nodes ({node: fingerprint}), those that run now and those still backing off.
+
+    ``changes`` ({node: :func:`change_items`}) lets a settling node wait while its plan asks
+    for nothing beyond what its last run applied.
+    """
     run, waiting = [], {}
     for node, fp in sorted(changed.items()):
         r = retries.get(node)
-        if r is not None and r.fingerprint == fp and now < r.not_before:
+        same = r is not None and r.fingerprint == fp
+        if r is not None and not same and r.failures == 0 and changes is not None and node in changes:
+            same = bool(r.changes) and changes[node] <= r.changes
+        if same and now < r.not_before:
             waiting[node] = r.not_before
         else:
             run.append(node)
@@ -111,17 +132,19 @@ def after_run(
     initial: float,
     maximum: float,
     settle: float = 0.0,
+    changes: Mapping[str, frozenset[str]] | None = None,
 ) -> dict[str, Retry]:
     """Retries after a run: ``outcomes`` maps each node run to None (success) or its first error.
 
-    A node that succeeded settles for ``settle`` seconds (see :class:`Retry`).
+    A node that succeeded settles for ``settle`` seconds (see :class:`Retry`); ``changes``
+    are what the run applied on each node.
     """
     out = dict(retries)
     for node, error in outcomes.items():
         fp = fingerprints.get(node, "")
         if error is None:
             if settle > 0:
-                out[node] = Retry(0, now + settle, fp, "")
+                out[node] = Retry(0, now + settle, fp, "", (changes or {}).get(node, frozenset()))
             else:
                 out.pop(node, None)
             continue

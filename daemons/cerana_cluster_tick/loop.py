@@ -104,8 +104,9 @@ class ClusterTick:
         plan = _planner.plan(state, max_unavailable=s.max_unavailable, grace=s.grace)
         changed = plan.changed_nodes()
         fingerprints = {n: core.fingerprint(plan.nodes[n]) for n in changed}
+        items = {n: core.change_items(plan.nodes[n]) for n in changed}
         self.retries = core.forget(self.retries, changed)
-        selection = core.select(fingerprints, self.retries, now)
+        selection = core.select(fingerprints, self.retries, now, items)
         problems = [p.to_dict() for p in plan.problems]
         problems_key = core.problems_key(plan.problems)
         if not selection.run:
@@ -188,9 +189,11 @@ class ClusterTick:
             ok = []
             status = core.run_status(results)
         fingerprints = {n: core.fingerprint(plan.nodes[n]) for n in targets}
+        items = {n: core.change_items(plan.nodes[n]) for n in targets}
         self.retries = core.after_run(
-            self.retries, outcomes, fingerprints, self.clock(), s.node_retry_initial, s.node_retry_max, settle=s.grace
-        )
+            self.retries, outcomes, fingerprints, self.clock(), s.node_retry_initial, s.node_retry_max,
+            settle=s.grace, changes=items,
+        )  # fmt: skip
         event = core.run_event(
             time_text=m.format_time(self.wall()),
             applier=self.identity,
@@ -292,6 +295,7 @@ class ClusterTick:
             "cerana_bundle_services": core.bundle_services(node_plans, state.bundles),
             "cerana_kv_prefix": s.consul.prefix,
             "cerana_run_id": rid,
+            "cerana_service_settle": s.service_settle,
         }
         if s.node_consul_url:
             extra["cerana_consul_url"] = s.node_consul_url
@@ -307,6 +311,7 @@ class ClusterTick:
             "CONSUL_HTTP_SSL_VERIFY": "true" if c.validate_certs else "false",
             "CERANA_KV_PREFIX": c.prefix,
             "ANSIBLE_HOST_KEY_CHECKING": "True" if s.host_key_checking else "False",
+            "ANSIBLE_PIPELINING": "True" if s.pipelining else "False",
             "ANSIBLE_NOCOLOR": "1",
             "ANSIBLE_RETRY_FILES_ENABLED": "False",
         }

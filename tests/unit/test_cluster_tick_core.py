@@ -66,6 +66,24 @@ def test_a_node_that_just_succeeded_settles_before_the_same_plan_runs_again():
     assert retries["a"].failures == 1
 
 
+def test_a_settling_node_waits_while_it_is_asked_for_part_of_what_it_just_applied():
+    applied = frozenset({"add_datasets:web-root", "start_bundles:shop"})
+    retries = core.after_run(
+        {}, {"a": None}, {"a": "fa"}, now=10, initial=5, maximum=60, settle=3, changes={"a": applied}
+    )
+    assert retries["a"].changes == applied
+    # the bundle's applied record landed, the dataset's heartbeat did not yet: a new fingerprint, same work
+    part = frozenset({"add_datasets:web-root"})
+    assert core.select({"a": "fb"}, retries, now=11, changes={"a": part}).run == ()
+    assert core.select({"a": "fb"}, retries, now=13, changes={"a": part}).run == ("a",)  # settled: again
+    # anything new runs at once
+    more = part | {"start_bundles:cart"}
+    assert core.select({"a": "fc"}, retries, now=11, changes={"a": more}).run == ("a",)
+    # a failed node's backoff still follows the fingerprint only
+    failed = core.after_run({}, {"a": "boom"}, {"a": "fa"}, now=10, initial=5, maximum=60, changes={"a": applied})
+    assert core.select({"a": "fb"}, failed, now=11, changes={"a": part}).run == ("a",)
+
+
 def test_forget_drops_nodes_that_need_nothing_any_more():
     retries = core.after_run({}, {"a": "x", "b": "y"}, {"a": "1", "b": "2"}, now=0, initial=5, maximum=60)
     assert set(core.forget(retries, ["b"])) == {"b"}
