@@ -458,16 +458,19 @@ def test_nspawn_down_leaves_nothing(node_image):
     try:
         lab_cli("up", "--name", name, "--nodes", "2", "--kind", "nspawn", "--subnet", subnet)
         state = json.loads(Path(f"/run/cerana-lab/{name}/state.json").read_text())
-        for leader in [n["leader_pid"] for n in state["nodes"]]:
+        leaders = {n["leader_pid"]: start_time(n["leader_pid"]) for n in state["nodes"]}
+        assert all(leaders.values()) and all(in_child_pid_namespace(pid) for pid in leaders)
+        for leader in leaders:
             subprocess.run(["nsenter", "-t", str(leader), "-a", "sh", "-c", "echo x > /var/tmp/persist"], check=True)
     finally:
         lab_cli("down", "--name", name)
     after = snapshot()
     assert leftovers(before, after, tokens) == {}
-    # pids wrap quickly here: a pid may be reused, but not by the same process
+    # pids wrap quickly here: a pid may be reused (even by another test's container), but not by the same process
     for node in state["nodes"]:
         assert start_time(node["pid"]) != node["start_time"]
-        assert not in_child_pid_namespace(node["leader_pid"])
+    for leader, started in leaders.items():
+        assert start_time(leader) != started
     assert not any(str(node_image) in line or name in line for line in after.mounts)
     assert not Path(f"/run/cerana-lab/{name}").exists()
     assert not (node_image / "var/tmp/persist").exists()  # the image itself was never written
