@@ -143,6 +143,25 @@ def test_new_bundle_goes_to_redundancy_distinct_nodes_with_its_datasets():
     assert p.problems == ()
 
 
+def test_new_replicas_prefer_the_least_loaded_nodes_that_hold_their_datasets():
+    # "b" and "c" hold the dataset; "a" does not: no copy needed
+    st_ = state(bundles=[bundle("shop", redundancy=2)], dataset_heartbeats=everywhere("root", "bc"))
+    p = P.plan(st_)
+    assert p.placements["shop"] == ("b", "c")
+    assert all(not p.nodes[n].changes.add_datasets for n in "abc")
+    assert p.nodes["b"].notes["bundle/shop"] == "new placement, where its datasets are"
+    # spreading comes first: a holder already running more bundles than another node is passed over
+    st_ = state(
+        bundles=[bundle("old"), bundle("shop")],
+        dataset_heartbeats=everywhere("root", "b"),
+        applied={"b": {"old": P.Applied(digest_of(state(bundles=[bundle("old")]), "old"), NOW)}},
+        bundle_heartbeats={"old": {"b": bhb("old", "b")}},
+    )
+    p = P.plan(st_)
+    assert p.placements["old"] == ("b",) and p.placements["shop"] != ("b",)
+    assert p.nodes[p.placements["shop"][0]].changes.add_datasets == ("root",)
+
+
 def test_digest_is_sha256_of_the_canonical_overlay():
     st_ = state(bundles=[bundle("shop")])
     overlaid = m.overlay_bundle(st_.bundles["shop"], st_.services, st_.datasets)
@@ -674,7 +693,8 @@ def test_render_text_lines_and_summary():
     p = P.plan(st_)
     text = P.render_text(p)
     n = p.placements["shop"][0]
-    assert f"  + bundle  shop  {p.nodes[n].bundles['shop'][:19]} (new placement)" in text
+    assert n == "a"  # the node holding its dataset
+    assert f"  + bundle  shop  {p.nodes[n].bundles['shop'][:19]} (new placement, where its datasets are)" in text
     assert "  - dataset junk" in text
     assert "  - bundle  old  (no longer declared)" in text
     assert text.rstrip().splitlines()[-1].startswith("Plan: 1 bundle to start, 0 to update, 1 to stop, 0 deferred;")

@@ -520,6 +520,26 @@ def _plan(state, max_unavailable, grace):
             heapq.heapreplace(by_mem, (-avail[by_mem[0][1]], by_mem[0][1]))
         return -by_mem[0][0] if by_mem else 0
 
+    def least_count():
+        # Every node's current entry is in the heap; stale ones on top are dropped.
+        while heap and (heap[0][0] != count[heap[0][3]] or -heap[0][1] != avail[heap[0][3]]):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def take(node, bid, need, note):
+        placements[bid].append(node)
+        desired[node][bid] = infos[bid].digest
+        count[node] += 1
+        avail[node] -= need
+        notes[node]["bundle/" + bid] = note
+        heapq.heappush(heap, (count[node], -avail[node], node_hash[node], node))
+
+    # Live nodes holding a copy of each dataset: among the least loaded nodes, a new
+    # replica goes where its datasets already are (no copy to wait for, none to remove).
+    holding = {}
+    for did, by_node in state.dataset_heartbeats.items():
+        holding[did] = {n for n in by_node if n in live_set}
+
     to_place.sort(key=lambda b: (-infos[b].memory, b))
     for bid in to_place:
         info = infos[bid]
@@ -529,6 +549,19 @@ def _plan(state, max_unavailable, grace):
         missing = redundancy - len(chosen)
         skipped = []
         if need <= max_avail():
+            prefer = None
+            for did in info.datasets:
+                has = holding.get(did, set())
+                prefer = set(has) if prefer is None else prefer & has
+            while missing and prefer:
+                low = least_count()
+                fits = [n for n in prefer if count[n] == low and need <= avail[n] and bid not in desired[n]]
+                if not fits:
+                    break
+                node = min(fits, key=lambda n: (-avail[n], node_hash[n], n))
+                prefer.discard(node)
+                take(node, bid, need, "new placement, where its datasets are")
+                missing -= 1
             while missing and heap:
                 entry = heapq.heappop(heap)
                 c, negfree, _h, node = entry
@@ -537,12 +570,7 @@ def _plan(state, max_unavailable, grace):
                 if bid in desired[node] or need > avail[node]:
                     skipped.append(entry)
                     continue
-                chosen.append(node)
-                desired[node][bid] = info.digest
-                count[node] += 1
-                avail[node] -= need
-                notes[node]["bundle/" + bid] = "new placement"
-                heapq.heappush(heap, (count[node], -avail[node], node_hash[node], node))
+                take(node, bid, need, "new placement")
                 missing -= 1
             for entry in skipped:
                 heapq.heappush(heap, entry)
