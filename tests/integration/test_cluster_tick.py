@@ -367,8 +367,11 @@ def test_consul_restart_in_the_middle_of_a_run(work: Path) -> None:
         assert tick.proc.poll() is None, tick.log()[-3000:]
         assert holder(store) == "tick-r"
         events = run_events(store)
-        assert events[0]["run"] == tick.runs()[0] and events[0]["status"] == "ok", "the held run was not recorded"
-        assert "Consul is reachable again" in tick.log()
+        tail = tick.log()[-4000:]
+        held_ok = events[0]["run"] == tick.runs()[0] and events[0]["status"] == "ok"
+        assert held_ok, f"the held run was not recorded:\n{tail}"
+        assert "Consul is reachable again" in tick.log(), tail
+        holding = tick.log().count("leading: holding")
 
         # a Consul that comes back with nothing (its data lost): the tick takes the lock again
         agent.stop()
@@ -377,7 +380,7 @@ def test_consul_restart_in_the_middle_of_a_run(work: Path) -> None:
         wait_for(lambda: holder(store) == "tick-r", 120, "the lock to be taken again")
         declare(store, *basics())
         wait_for(lambda: pending(store) == () and run_events(store), 120, "convergence on the new Consul")
-        assert tick.proc.poll() is None and tick.log().count("leading: holding") == 2
+        assert tick.proc.poll() is None and tick.log().count("leading: holding") > holding, tick.log()[-4000:]
     finally:
         nodes.stop.set()
         if tick is not None:

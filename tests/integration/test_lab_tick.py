@@ -20,7 +20,6 @@ import base64
 import datetime
 import itertools
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -35,10 +34,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(120
 
 if not usable():
     pytest.skip("needs root, iproute2, systemd-container and debootstrap", allow_module_level=True)
-if os.environ.get("CERANA_TEST_TICK_LAB") != "1":
-    # Not green yet: its first full run found two deployment bugs (fixed since, 29cf848 and the
-    # host-map fix), and it has not passed end to end; it also adds minutes to CI. Opt in.
-    pytest.skip("set CERANA_TEST_TICK_LAB=1 to run the cluster tick's lab acceptance test", allow_module_level=True)
 
 BUNDLE = "tshop"
 EXTERNAL = 30090
@@ -146,10 +141,19 @@ def test_lost_node_is_replaced_and_the_excess_goes_when_it_returns(lab):
         lab["timings"]["node_loss_to_healthy"] = time.monotonic() - lost
         assert ids[victim] not in others
     finally:
+        before = {e["run"] for e in events(plat) if e.get("kind") == "run"}
         plat.run_in(victim, "systemctl", "start", "cerana-node-tick.service")
-    # the node is back with its old instance: three for a while, then exactly two
-    wait_for(lambda: len(instances(plat)) == 2 and len(healthy_nodes(plat)) == 2, 180, interval=0.5,
-             what="the excess instance removed")  # fmt: skip
+    # The node is back with its old instance (still running: only its node tick stopped):
+    # three instances until the tick stops the excess one, then exactly two.
+
+    def excess_stopped() -> list[dict[str, Any]]:
+        return [e for e in events(plat) if e.get("kind") == "run" and e["run"] not in before
+                and any(BUNDLE in n.get("stop_bundles", []) for n in e["plan"]["nodes"].values())]  # fmt: skip
+
+    stopped = wait_for(excess_stopped, 180, interval=0.5, what="a run stopping the excess instance")
+    assert stopped[0]["status"] == "ok", stopped
+    wait_for(lambda: len(instances(plat)) == 2 and len(healthy_nodes(plat)) == 2, 60, interval=0.5,
+             what="exactly two healthy instances")  # fmt: skip
     time.sleep(3)
     assert len(instances(plat)) == 2
 
