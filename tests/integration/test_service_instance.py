@@ -232,6 +232,7 @@ def lab(tmp_path_factory):
             m.Bundle.from_dict({"id": "bad", "services": {"web": {"cmd": ["/bin/nope", "-x"]}}}),
             m.Bundle.from_dict({"id": "gone", "services": {"web": {"dataset": "not-here"}}}),
             m.Bundle.from_dict({"id": "clash", "services": {"web": {}}, "ports": {"8080": {"port": 8080}}}),
+            m.Bundle.from_dict({"id": "crash", "services": {"web": {"cmd": ["/bin/sh", "-c", "exit 3"]}}}),
         ):  # fmt: skip
             the_lab.declare(obj)
         yield the_lab
@@ -339,7 +340,13 @@ def test_failures_leave_nothing(lab: Lab) -> None:
     res = lab.playbook("clash")
     assert res["failed"] and "8080" in res["msg"] and "in use" in res["msg"], res
     assert res["ports"] == [8080]
-    assert lab.sh("ls /etc/systemd/system | grep -E '^cerana-(bad|gone|clash)_' || true") == ""
+    # a command that exits at once: the start fails, and the unit, its enablement and its record go
+    res = lab.playbook("crash")
+    assert res["failed"] and "did not stay up" in res["msg"] and "the unit was removed" in res["msg"], res
+    assert lab.sh("systemctl show -p LoadState,UnitFileState cerana-crash_web.service").splitlines() == [
+        "LoadState=not-found", "UnitFileState="]  # fmt: skip
+    assert lab.sh("ls /etc/systemd/system | grep -E '^cerana-(bad|gone|clash|crash)_' || true") == ""
+    assert lab.sh("find /etc/systemd/system -name 'cerana-crash_*'") == ""  # no symlink left in a .wants
     assert lab.sh("ls /run/cerana/bundles") == "shop"
 
 

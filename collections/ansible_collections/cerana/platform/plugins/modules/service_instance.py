@@ -393,8 +393,13 @@ def run(module):
         if not os.path.isdir(d):
             os.makedirs(d, mode=0o750)
             os.chown(d, _uid, _gid)
+    enabled_now = False
     if before != after:
         _write_unit(unit_path, after)
+        if p["state"] == "started" and not status["enabled"]:
+            # only the symlink: the reload below picks it up (one reload instead of two)
+            sd.run("enable", "--no-reload", unit)
+            enabled_now = True
         sd.run("daemon-reload")
 
     if p["state"] == "stopped":
@@ -413,20 +418,22 @@ def run(module):
     ok, pid = wait_started(sd, spec, p["settle"])
     if not ok:
         journal = sd.journal(unit)
-        rollback(sd, unit, unit_path, before, was_active, p)
+        rollback(sd, unit, unit_path, before, was_active, p, enabled_now)
         raise InstanceError(
             "%s did not stay up after starting; %s. Last journal lines:\n%s"
             % (unit, "the previous unit was put back" if before is not None else "the unit was removed", journal),
             journal=journal.splitlines(),
         )
-    if not status["enabled"]:
+    if not status["enabled"] and not enabled_now:
         sd.run("enable", unit)
     result.update(active=True, main_pid=pid)
     return result
 
 
-def rollback(sd, unit, unit_path, before, was_active, p):
+def rollback(sd, unit, unit_path, before, was_active, p, enabled_now=False):
     sd.run("stop", unit, check=False)
+    if enabled_now:
+        sd.run("disable", "--no-reload", unit, check=False)
     if before is None:
         remove_file(unit_path)
     else:
