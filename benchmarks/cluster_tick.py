@@ -190,6 +190,9 @@ def task_spans(job_events: Iterable[Mapping[str, Any]]) -> dict[str, tuple[float
 
 TASK_NAMES = {  # the converge playbook's tasks, short
     "Copy the datasets the node needs": "dataset copy",
+    "Remove the bundles to stop": "stop bundles",
+    "Run the bundles (network and services)": "bundle_instance",
+    # the playbook's tasks before bundle_instance (one call per service)
     "Give the bundles their network on the node": "bundle_network",
     "Run the bundles' services": "service_instance",
     "Remove the instances of the bundles to stop": "stop instances",
@@ -710,7 +713,8 @@ class Bench:
 # -- report ---------------------------------------------------------------------------------
 
 
-ORDER = ("detect", "expiry", "more runs", "startup", "dataset copy", "bundle_network", "service_instance",
+ORDER = ("detect", "expiry", "more runs", "startup", "dataset copy", "stop bundles", "bundle_instance", "bundle_network",
+         "service_instance",
          "between tasks", "ansible", "healthy", "seen", "tail", "record")  # fmt: skip
 
 

@@ -242,8 +242,8 @@ def test_standalone_check_mode_predicts_and_changes_nothing(lab: Lab) -> None:
         capture_output=True, text=True, env=ansible_env(lab), timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "Give the bundles their network on the node" in proc.stdout
-    assert f"changed: [{NODE}] => (item=shop/web)" in proc.stdout, proc.stdout[-4000:]
+    assert "Run the bundles (network and services)" in proc.stdout
+    assert f"changed: [{NODE}] => (item=shop)" in proc.stdout, proc.stdout[-4000:]
     assert not lab.unit_active() and not lab.netns()
     assert lab.sh(f"test -e /etc/systemd/system/{UNIT} && echo yes || echo no") == "no"
 

@@ -13,7 +13,11 @@ rules (nftables) of every node. In file order:
 3. a changed env var of the front restarts only the front instances;
 4. an instance marked unhealthy leaves the rotation: all requests go to the other one; it
    comes back when healthy;
-5. removal leaves no unit, namespace, address or lease; undeclared, no published-port rule.
+5. ``bundle_instance`` (network and every service in one call): check mode, a run that
+   restarts only the changed front and removes an instance of an undeclared service, a
+   second run that changes nothing;
+6. removal (``bundle_instance`` absent) leaves no unit, namespace, address or lease;
+   undeclared, no published-port rule.
 """
 
 from __future__ import annotations
@@ -117,6 +121,38 @@ def test_changed_env_restarts_only_the_front(lab):
     wait_for(lambda: get(plat, "node3", "node2").get("greeting") == "bonjour", 30, what="the new greeting")
 
 
+def test_bundle_instance_does_network_and_services_in_one_call(lab):
+    """bundle_instance: check mode predicts, a run restarts only what changed, a second changes
+    nothing, and an instance of a service the bundle no longer declares is removed."""
+    plat = lab["platform"]
+    pids = {(n, s): main_pid(plat, n, s) for n in RUNNERS for s in ("backend", "front")}
+    unit = f"cerana-{BUNDLE}_stray.service"
+    stray = f"/etc/systemd/system/{unit}"
+    script = f"printf '[Service]\\nExecStart=/bin/sleep infinity\\n' > {stray} && systemctl daemon-reload"
+    plat.run_in("node1", "sh", "-c", f"{script} && systemctl start {unit}")
+    declare(plat, "hola")
+    task = {"cerana.platform.bundle_instance": {"bundle": BUNDLE, "settle": 0}}
+    results = on_runners(plat, [
+        {**task, "check_mode": True, "diff": True, "register": "check"},
+        {**task, "register": "run"},
+        {**task, "register": "again"},
+        {"ansible.builtin.set_fact": {"results": {"check": "{{ check }}", "run": "{{ run }}", "again": "{{ again }}"}}},
+    ])  # fmt: skip
+    for n in RUNNERS:
+        check, run, again = results[n]["check"], results[n]["run"], results[n]["again"]
+        assert check["changed"] and not check["network"]["changed"], check
+        assert any("hola" in d.get("after", "") for d in check["diff"]), check["diff"]
+        assert run["changed"] and run["services"]["front"]["restarted"], run
+        assert not run["services"]["backend"]["changed"] and not run["network"]["changed"], run
+        assert run["removed"] == (["stray"] if n == "node1" else []), run
+        assert not again["changed"] and again["removed"] == [], again
+        assert main_pid(plat, n, "backend") == pids[(n, "backend")]
+        assert main_pid(plat, n, "front") != pids[(n, "front")]
+    assert plat.run_in("node1", "ls", stray, check=False) == ""
+    assert plat.run_in("node1", "systemctl", "show", "-P", "LoadState", unit) == "not-found"
+    wait_for(lambda: get(plat, "node3", "node2").get("greeting") == "hola", 30, what="the new greeting")
+
+
 def test_unhealthy_instance_leaves_the_rotation_and_comes_back(lab):
     plat, addresses = lab["platform"], lab["addresses"]
     flag = f"/var/lib/cerana/instances/{BUNDLE}/data/unhealthy"
@@ -142,11 +178,15 @@ def test_removal_leaves_nothing(lab):
     plat, addresses = lab["platform"], lab["addresses"]
     before = service_leases(plat)
     assert {lease["ip"] for lease in before.values()} >= set(addresses.values())
-    on_runners(plat, [
-        {"cerana.platform.service_instance": {"bundle": BUNDLE, "service": "{{ item }}", "state": "absent"},
-         "loop": ["front", "backend"]},
-        {"cerana.platform.bundle_network": {"bundle": BUNDLE, "state": "absent"}},
+    results = on_runners(plat, [
+        {"cerana.platform.bundle_instance": {"bundle": BUNDLE, "state": "absent"}, "register": "gone"},
+        {"cerana.platform.bundle_instance": {"bundle": BUNDLE, "state": "absent"}, "register": "again"},
+        {"ansible.builtin.set_fact": {"results": {"gone": "{{ gone }}", "again": "{{ again }}"}}},
     ])  # fmt: skip
+    for n in RUNNERS:
+        assert results[n]["gone"]["changed"] and results[n]["gone"]["removed"] == ["backend", "front"], results[n]
+        assert results[n]["gone"]["network"]["changed"], results[n]
+        assert not results[n]["again"]["changed"], results[n]
     for n in RUNNERS:
         assert plat.run_in(n, "sh", "-c", f"ls /etc/systemd/system/cerana-{BUNDLE}_* 2>/dev/null; ls /run/netns",
                            check=False).split() == []  # fmt: skip

@@ -949,3 +949,48 @@ def absent(store, opts, check_mode=False):
         "record": None,
         "before": before.to_dict() if before is not None else None,
     }
+
+
+def _ifname(value, field):
+    m._str(value, field)
+    if len(value) > bn.IFNAMSIZ or "/" in value or ":" in value or any(c.isspace() for c in value):
+        raise m.ValidationError(field, "must be an interface name of at most 15 characters, got %r" % value)
+    return value
+
+
+def options_from_params(p):
+    """Validated :class:`Options` from the bundle_network module's parameters (before any I/O);
+    raises ValidationError naming the parameter."""
+    bundle = m._label(p["bundle"], "bundle") if p["bundle"] is not None else None
+    if bundle is None and p["state"] == "absent":
+        raise m.ValidationError("bundle", "is required with state=absent (the node's own side is never removed)")
+    node_id = m._label(p["node_id"], "node_id") if p["node_id"] else read_node_id()
+    bridge = _ifname(p["bridge"], "bridge")
+    vxlan = _ifname(p["vxlan"], "vxlan")
+    if bridge == vxlan:
+        raise m.ValidationError("vxlan", "must differ from bridge (%s)" % bridge)
+    return Options(
+        bundle=bundle,
+        node_id=node_id,
+        run_dir=p["run_dir"],
+        bridge=bridge,
+        vxlan=vxlan,
+        vni=m._int(p["vni"], "vni", 1, (1 << 24) - 1),
+        port=m._int(p["vxlan_port"], "vxlan_port", 1, 65535),
+        mtu=m._int(p["mtu"], "mtu", 576, 65535),
+        lease_duration=m._int(m.parse_duration(p["lease_duration"], "lease_duration"), "lease_duration", 60),
+        hostname=socket.gethostname(),
+        namespace=p["namespace"],
+    )
+
+
+def run(store, opts, state, check_mode=False, diff=False):
+    """:func:`present` or :func:`absent` (``state``), with the module's ``diff`` of the record."""
+    flow = present if state == "present" else absent
+    result = flow(store, opts, check_mode=check_mode)
+    before = result.pop("before")
+    if diff and opts.bundle is not None:
+        path = bn.network_record_path(opts.run_dir, opts.bundle)
+        result["diff"] = {"before": before or {}, "after": result["record"] or {}, "before_header": path,
+                          "after_header": path}  # fmt: skip
+    return result

@@ -173,8 +173,6 @@ record:
            "gateway": "10.240.0.9", "mac": "02:5e:01:9a:33:c0", "host_veth": "cbn1a2b3c4d5e6f"}
 """
 
-import socket
-
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.cerana.platform.plugins.module_utils import _bundle_net as bn
@@ -199,59 +197,19 @@ ARGUMENT_SPEC = dict(
 )
 
 
-def _ifname(value, field):
-    m._str(value, field)
-    if len(value) > bn.IFNAMSIZ or "/" in value or ":" in value or any(c.isspace() for c in value):
-        raise m.ValidationError(field, "must be an interface name of at most 15 characters, got %r" % value)
-    return value
-
-
-def options(module):
-    """Validated options (before any I/O); raises ValidationError naming the option."""
-    p = module.params
-    bundle = m._label(p["bundle"], "bundle") if p["bundle"] is not None else None
-    if bundle is None and p["state"] == "absent":
-        raise m.ValidationError("bundle", "is required with state=absent (the node's own side is never removed)")
-    node_id = m._label(p["node_id"], "node_id") if p["node_id"] else bnio.read_node_id()
-    bridge = _ifname(p["bridge"], "bridge")
-    vxlan = _ifname(p["vxlan"], "vxlan")
-    if bridge == vxlan:
-        raise m.ValidationError("vxlan", "must differ from bridge (%s)" % bridge)
-    return bnio.Options(
-        bundle=bundle,
-        node_id=node_id,
-        run_dir=p["run_dir"],
-        bridge=bridge,
-        vxlan=vxlan,
-        vni=m._int(p["vni"], "vni", 1, (1 << 24) - 1),
-        port=m._int(p["vxlan_port"], "vxlan_port", 1, 65535),
-        mtu=m._int(p["mtu"], "mtu", 576, 65535),
-        lease_duration=m._int(m.parse_duration(p["lease_duration"], "lease_duration"), "lease_duration", 60),
-        hostname=socket.gethostname(),
-        namespace=p["namespace"],
-    )
-
-
 def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     if not bnio.HAS_PYROUTE2:
         module.fail_json(msg=missing_required_lib("pyroute2"), exception=str(bnio.PYROUTE2_IMPORT_ERROR))
     try:
-        opts = options(module)
-        store = store_from_module(module)
-        flow = bnio.present if module.params["state"] == "present" else bnio.absent
-        result = flow(store, opts, check_mode=module.check_mode)
+        opts = bnio.options_from_params(module.params)
+        result = bnio.run(store_from_module(module), opts, module.params["state"], module.check_mode, module._diff)
     except bnio.NetError as e:
         module.fail_json(msg=str(e), **e.extra)
     except m.ValidationError as e:
         module.fail_json(msg=str(e), field=e.path)
     except StoreError as e:
         module.fail_json(msg=str(e))
-    before = result.pop("before")
-    if module._diff and module.params["bundle"] is not None:
-        path = bn.network_record_path(module.params["run_dir"], module.params["bundle"])
-        result["diff"] = {"before": before or {}, "after": result["record"] or {}, "before_header": path,
-                          "after_header": path}  # fmt: skip
     module.exit_json(**result)
 
 

@@ -1,0 +1,396 @@
+# Copyright: Contributors to the cerana project
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+#
+# PRIVATE to the cerana.platform collection: no compatibility promise outside it.
+"""One service instance of a bundle on this node, to a state: what the service_instance and
+bundle_instance modules do.
+
+Every function takes the module (or a :class:`Task`: the module with other parameters) for its
+parameters (``bundle``, ``service``, ``state``, ``data_dir``, ``run_dir``, ``unit_dir``,
+``settle``, ``libvirt_uri``, ``bridge``, ``shutdown_timeout`` and the Consul connection),
+``run_command``, ``get_bin_path``, ``check_mode`` and ``_diff``. :func:`dispatch` is the entry
+point; it raises ``InstanceError``, ``SpecError``, ``ValidationError`` or ``StoreError``.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import time
+
+from ansible_collections.cerana.platform.plugins.module_utils import _bundle_net, _instances
+from ansible_collections.cerana.platform.plugins.module_utils import _models as m
+from ansible_collections.cerana.platform.plugins.module_utils import _service_units as su
+from ansible_collections.cerana.platform.plugins.module_utils import _vm as vmu
+from ansible_collections.cerana.platform.plugins.module_utils._ansible import store_from_module
+from ansible_collections.cerana.platform.plugins.module_utils._files import atomic_write, read_text, remove_file
+from ansible_collections.cerana.platform.plugins.module_utils._objects import Objects
+from ansible_collections.cerana.platform.plugins.module_utils._systemd import (
+    InstanceError,
+    Systemd,
+    bundle_socket_inodes,
+    listening,
+)
+
+
+class Task:
+    """The module with some parameters replaced (one service of a bundle, a state): everything
+    else (``run_command``, ``check_mode``, ...) is the module's."""
+
+    def __init__(self, module, **params):
+        self._module = module
+        self.params = dict(module.params, **params)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _write_unit(path, text):
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def ensure_user(module):
+    """The fixed unprivileged user the sandboxes run as: (uid, gid, changed)."""
+    try:
+        pw = pwd.getpwnam(su.SERVICE_USER)
+        return pw.pw_uid, pw.pw_gid, False
+    except KeyError:
+        pass
+    useradd = module.get_bin_path("useradd", required=True)
+    rc, out, err = module.run_command(
+        [
+            useradd,
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            su.SERVICE_USER,
+        ]
+    )
+    if rc != 0:
+        raise InstanceError("cannot create the user %s: %s" % (su.SERVICE_USER, (err or out).strip()))
+    pw = pwd.getpwnam(su.SERVICE_USER)
+    return pw.pw_uid, pw.pw_gid, True
+
+
+def load_spec(module):
+    p = module.params
+    objects = Objects(store_from_module(module))
+    bundle_id = m._label(p["bundle"], "bundle")
+    m._label(p["service"], "service")
+    stored = objects.get("bundle", bundle_id)
+    if stored is None:
+        raise InstanceError("bundle %s is not declared" % bundle_id)
+    overlay = objects.overlay(stored.obj)
+    netns_path = bundle_netns(p["run_dir"], bundle_id)
+    return su.build_spec(overlay, p["service"], p["data_dir"], p["run_dir"], netns_path=netns_path)
+
+
+def bundle_netns(run_dir, bundle_id):
+    """The bundle's network namespace file on this node (from its network record), or None."""
+    try:
+        network = _bundle_net.read_network(run_dir, bundle_id)
+    except m.ValidationError as e:
+        raise InstanceError("the network record of bundle %s cannot be read: %s" % (bundle_id, e)) from None
+    if network is None:
+        return None
+    if not os.path.exists(network.netns_path):
+        raise InstanceError(
+            "the network namespace %s of bundle %s is missing; run cerana.platform.bundle_network for it first"
+            % (network.netns_path, bundle_id)
+        )
+    return network.netns_path
+
+
+def listening_in(module, netns_path):
+    """Like _systemd.listening(), but the sockets of the network namespace ``netns_path``."""
+    nsenter = module.get_bin_path("nsenter", required=True)
+    out = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        rc, text, err = module.run_command([nsenter, "--net=" + netns_path, "cat", name])
+        if rc != 0 and name.endswith("tcp"):
+            raise InstanceError("cannot read the ports in %s: %s" % (netns_path, (err or text).strip()))
+        for port, inodes in su.parse_proc_net_tcp(text if rc == 0 else "").items():
+            out.setdefault(port, set()).update(inodes)
+    return out
+
+
+def preflight(module, spec):
+    """Everything that can be checked before writing anything: returns (entries, bwrap path)."""
+    for dataset, directory in spec.node_datasets():
+        if not os.path.isdir(directory):
+            raise InstanceError(
+                "dataset %s of service %s is not on this node (no directory %s)" % (dataset, spec.service, directory),
+                dataset=dataset,
+            )
+    entries = su.root_entries(spec.root)
+    path_env = dict(spec.env).get("PATH", su.DEFAULT_PATH)
+    if su.find_command(spec.root, spec.cmd[0], path_env) is None:
+        raise InstanceError(
+            "command %s of service %s is not an executable file in dataset %s%s"
+            % (spec.cmd[0], spec.service, spec.dataset, "" if "/" in spec.cmd[0] else " (PATH %s)" % path_env),
+            command=spec.cmd[0],
+        )
+    missing = su.missing_mount_points(spec, entries)
+    if missing:
+        raise InstanceError(
+            "mount points %s are below read-only directories of dataset %s that do not contain them"
+            % (", ".join(missing), spec.dataset)
+        )
+    bwrap = module.get_bin_path("bwrap")
+    if not bwrap:
+        raise InstanceError("bwrap (bubblewrap) is not installed on this node")
+    return entries, bwrap
+
+
+def wait_started(sd, spec, settle):
+    """(True, main pid) once the unit is active, its record written, and it stayed up ``settle`` s."""
+    deadline = time.monotonic() + max(5.0, settle * 3)
+    record = _instances.instance_path(spec.run_dir, spec.bundle, spec.service)
+    first = None
+    while time.monotonic() < deadline:
+        st = sd.show(spec.unit)
+        text = read_text(record) if st["active_state"] == "active" and st["main_pid"] else None
+        if text and _instances.parse_instance(spec.bundle, spec.service, text).pid == st["main_pid"]:
+            now = time.monotonic()
+            if first is None:
+                first = (now, st["main_pid"], st["restarts"])
+            elif (st["main_pid"], st["restarts"]) != first[1:]:
+                return False, None
+            elif now - first[0] >= settle:
+                return True, st["main_pid"]
+        elif first is not None or st["active_state"] == "failed":
+            return False, None
+        time.sleep(0.1)
+    return False, None
+
+
+def run(module):
+    p = module.params
+    unit = su.unit_name(m._label(p["bundle"], "bundle"), m._label(p["service"], "service"))
+    unit_path = os.path.join(p["unit_dir"], unit)
+    sd = Systemd(module)
+    before = read_text(unit_path)
+    status = sd.show(unit)
+    result = {"unit": unit, "unit_path": unit_path, "restarted": False}
+
+    if p["state"] == "absent":
+        after = None
+        changed = before is not None or status["active"]
+    else:
+        spec = load_spec(module)
+        entries, bwrap = preflight(module, spec)
+        after = su.render_unit(spec, entries, bwrap=bwrap)
+        want_active = p["state"] == "started"
+        changed = before != after or status["active"] != want_active or status["enabled"] != want_active
+        if want_active and (before != after or not status["active"]):
+            ports = listening() if spec.netns_path is None else listening_in(module, spec.netns_path)
+            taken = su.taken_ports(spec.ports, ports, bundle_socket_inodes(spec.bundle))
+            if taken:
+                raise InstanceError(
+                    "port%s %s of bundle %s already in use on this node" % (
+                        "s" if len(taken) > 1 else "", ", ".join(map(str, taken)), spec.bundle),
+                    ports=taken,
+                )  # fmt: skip
+    if module._diff:
+        result["diff"] = {
+            "before": before or "",
+            "after": after or "",
+            "before_header": unit_path,
+            "after_header": unit_path,
+        }
+    result["unit_hash"] = su.content_hash(after) if after is not None else None
+    result["changed"] = changed
+    if module.check_mode or not changed:
+        result["active"] = p["state"] == "started" if changed else status["active"]
+        result["main_pid"] = status["main_pid"] if not changed else None
+        return result
+
+    if p["state"] == "absent":
+        if status["active"] or status["enabled"]:
+            sd.run("disable", "--now", unit, check=False)
+        remove_file(unit_path)
+        sd.run("daemon-reload")
+        sd.run("reset-failed", unit, check=False)
+        _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
+        result.update(active=False, main_pid=None)
+        return result
+
+    _uid, _gid, _created = ensure_user(module)
+    for d in spec.instance_dirs():
+        if not os.path.isdir(d):
+            os.makedirs(d, mode=0o750)
+            os.chown(d, _uid, _gid)
+    enabled_now = False
+    if before != after:
+        _write_unit(unit_path, after)
+        if p["state"] == "started" and not status["enabled"]:
+            # only the symlink: the reload below picks it up (one reload instead of two)
+            sd.run("enable", "--no-reload", unit)
+            enabled_now = True
+        sd.run("daemon-reload")
+
+    if p["state"] == "stopped":
+        sd.run("disable", "--now", unit)
+        _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
+        result.update(active=False, main_pid=None)
+        return result
+
+    was_active = status["active"]
+    if was_active and before != after:
+        sd.run("restart", unit)
+        result["restarted"] = True
+    elif not status["active"]:
+        sd.run("reset-failed", unit, check=False)
+        sd.run("start", unit, check=False)
+    ok, pid = wait_started(sd, spec, p["settle"])
+    if not ok:
+        journal = sd.journal(unit)
+        rollback(sd, unit, unit_path, before, was_active, p, enabled_now)
+        raise InstanceError(
+            "%s did not stay up after starting; %s. Last journal lines:\n%s"
+            % (unit, "the previous unit was put back" if before is not None else "the unit was removed", journal),
+            journal=journal.splitlines(),
+        )
+    if not status["enabled"] and not enabled_now:
+        sd.run("enable", unit)
+    result.update(active=True, main_pid=pid)
+    return result
+
+
+def rollback(sd, unit, unit_path, before, was_active, p, enabled_now=False):
+    sd.run("stop", unit, check=False)
+    if enabled_now:
+        sd.run("disable", "--no-reload", unit, check=False)
+    if before is None:
+        remove_file(unit_path)
+    else:
+        _write_unit(unit_path, before)
+    sd.run("daemon-reload", check=False)
+    sd.run("reset-failed", unit, check=False)
+    _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
+    if before is not None and was_active:
+        sd.run("start", unit, check=False)
+
+
+# ---------------------------------------------------------------------------
+# kind: vm (plugins/module_utils/_vm.py; docs/services.md "VM services")
+
+
+def service_overlay(module):
+    """(the bundle overlay, the service's kind) from Consul."""
+    p = module.params
+    objects = Objects(store_from_module(module))
+    bundle_id = m._label(p["bundle"], "bundle")
+    m._label(p["service"], "service")
+    stored = objects.get("bundle", bundle_id)
+    if stored is None:
+        raise InstanceError("bundle %s is not declared" % bundle_id)
+    overlay = objects.overlay(stored.obj)
+    return overlay, (overlay["services"].get(p["service"]) or {}).get("kind", "container")
+
+
+def as_absent(module, fn, *args):
+    """``fn(module, *args)`` with state absent: removes what an earlier kind of the instance left."""
+    state = module.params["state"]
+    module.params["state"] = "absent"
+    try:
+        return fn(module, *args)
+    finally:
+        module.params["state"] = state
+
+
+def run_vm(module, overlay, place):
+    """The VM instance at ``place`` to the task's state; ``overlay`` is None for absent (Consul is not read)."""
+    p = module.params
+    conn = vmu.open_connection(p["libvirt_uri"])
+    try:
+        spec = place
+        if overlay is not None:
+            spec = vmu.node_spec(conn, overlay, place.service, p["data_dir"], p["run_dir"], p["bridge"], p["state"])
+        result = vmu.ensure_vm(
+            conn, spec, p["state"], module.check_mode, shutdown_timeout=p["shutdown_timeout"], settle=p["settle"]
+        )
+    except vmu.libvirt.libvirtError as e:
+        raise InstanceError("libvirt (%s): %s" % (p["libvirt_uri"], e)) from None
+    finally:
+        conn.close()
+    diff = result.pop("diff")
+    if module._diff:
+        result["diff"] = dict(diff, before_header=place.name, after_header=place.name)
+    result.update(kind="vm", unit=None, unit_path=None, unit_hash=None)
+    return result
+
+
+def dispatch(module):
+    """Containers: run(); VMs: run_vm(). What an earlier kind of the same instance left is removed first.
+
+    A VM instance is known by its directory ``<data_dir>/vms/<bundle>_<service>``, so nodes
+    without VMs need no libvirt, even for absent.
+    """
+    p = module.params
+    place = vmu.VmPlace(m._label(p["bundle"], "bundle"), m._label(p["service"], "service"), p["data_dir"], p["run_dir"])
+    had_vm = os.path.isdir(place.vm_dir)
+    if p["state"] == "absent":
+        result = run(module)
+        result["kind"] = None
+        if had_vm:
+            vm = run_vm(module, None, place)
+            result.update({k: vm[k] for k in ("domain", "domain_hash", "overlay", "serial_log")})
+            result["changed"] = result["changed"] or vm["changed"]
+        return result
+    overlay, kind = service_overlay(module)
+    if kind == "vm":
+        unit_path = os.path.join(p["unit_dir"], su.unit_name(place.bundle, place.service))
+        old = as_absent(module, run) if os.path.exists(unit_path) else None
+        result = run_vm(module, overlay, place)
+    else:
+        old = as_absent(module, run_vm, None, place) if had_vm else None
+        result = run(module)
+        result["kind"] = "container"
+    result["changed"] = result["changed"] or bool(old and old["changed"])
+    return result
+
+
+# ---------------------------------------------------------------------------
+# a whole bundle (the bundle_instance module)
+
+
+def declared_services(module):
+    """The service ids of the bundle ``module.params["bundle"]`` as declared in Consul (sorted)."""
+    bundle_id = m._label(module.params["bundle"], "bundle")
+    objects = Objects(store_from_module(module))
+    stored = objects.get("bundle", bundle_id)
+    if stored is None:
+        raise InstanceError("bundle %s is not declared" % bundle_id)
+    return sorted(objects.overlay(stored.obj)["services"])
+
+
+def services_on_node(bundle, unit_dir, run_dir, data_dir):
+    """Service ids of the instances of ``bundle`` found on this node: unit files, instance
+    records and VM directories (Consul is not read). Bundle and service ids are labels (no
+    ``_``), so ``cerana-<bundle>_<service>.service`` parses one way only."""
+    found = set()
+    prefix = su.unit_name(bundle, "")[: -len(".service")]
+    for directory, head, tail in (
+        (unit_dir, prefix, ".service"),
+        (os.path.join(run_dir, _instances.BUNDLES_DIR, bundle), "", _instances.SUFFIX),
+        (os.path.join(data_dir, vmu.VMS_DIR), bundle + "_", ""),
+    ):
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(head) and name.endswith(tail):
+                service = name[len(head) : len(name) - len(tail)]
+                try:
+                    found.add(m._label(service, "service"))
+                except m.ValidationError:
+                    continue  # not ours
+    return sorted(found)

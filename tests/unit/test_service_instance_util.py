@@ -1,0 +1,34 @@
+"""Pure parts of module_utils/_service_instance.py: finding a bundle's instances on a node, Task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from ansible_collections.cerana.platform.plugins.module_utils import _service_instance as si
+
+
+def test_services_on_node_from_units_records_and_vm_dirs(tmp_path: Path) -> None:
+    units, run, data = tmp_path / "units", tmp_path / "run", tmp_path / "data"
+    (run / "bundles" / "shop").mkdir(parents=True)
+    (data / "vms").mkdir(parents=True)
+    units.mkdir()
+    for name in ("cerana-shop_web.service", "cerana-shop_db.service", "cerana-shopping_web.service",
+                 "cerana-shop_Bad.service", "cerana-shop_web.service.d", "ssh.service"):  # fmt: skip
+        (units / name).touch()
+    (run / "bundles" / "shop" / "worker.json").write_text("{}")
+    (run / "bundles" / "shop" / "notes.txt").write_text("")
+    (data / "vms" / "shop_vm").mkdir()
+    (data / "vms" / "shopping_vm").mkdir()
+    assert si.services_on_node("shop", str(units), str(run), str(data)) == ["db", "vm", "web", "worker"]
+    # nothing there: no error
+    assert si.services_on_node("shop", str(tmp_path / "none"), str(tmp_path / "none"), str(tmp_path / "none")) == []
+
+
+def test_task_replaces_parameters_and_keeps_the_rest() -> None:
+    module = SimpleNamespace(params={"bundle": "shop", "service": None, "state": "started"}, check_mode=True)
+    task = si.Task(module, service="web", state="absent")
+    assert task.params == {"bundle": "shop", "service": "web", "state": "absent"}
+    assert task.check_mode is True
+    task.params["state"] = "started"
+    assert module.params["state"] == "started" and module.params["service"] is None  # the module's own are untouched
