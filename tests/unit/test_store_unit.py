@@ -217,3 +217,13 @@ def test_watch_does_not_start_when_stopped():
     store = s.Store(s.ConnectionSettings(address="http://127.0.0.1:1"))
     store._list = pytest.fail  # never called
     assert list(store.watch("p", stop=stop)) == []
+
+
+def test_requests_env_in_use_only_when_something_would_be_found(tmp_path):
+    from ansible_collections.cerana.platform.plugins.module_utils._store import requests_env_in_use
+
+    assert not requests_env_in_use({"PATH": "/bin", "CONSUL_HTTP_ADDR": "x"}, home=str(tmp_path))
+    for name in ("HTTPS_PROXY", "http_proxy", "NO_PROXY", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NETRC"):
+        assert requests_env_in_use({name: "x"}, home=str(tmp_path)), name
+    (tmp_path / ".netrc").write_text("machine x login y password z\n")
+    assert requests_env_in_use({}, home=str(tmp_path))

@@ -198,6 +198,18 @@ def _b64(value):
     return base64.b64encode(value).decode("ascii")
 
 
+_REQUESTS_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "requests_ca_bundle", "curl_ca_bundle", "netrc")
+
+
+def requests_env_in_use(environ=None, home=None):
+    """Whether the environment holds anything requests would use (proxies, CA bundles, netrc)."""
+    environ = os.environ if environ is None else environ
+    if any(name.lower() in _REQUESTS_ENV for name in environ):
+        return True
+    home = os.path.expanduser("~") if home is None else home
+    return any(os.path.exists(os.path.join(home, name)) for name in (".netrc", "_netrc"))
+
+
 class Store:
     """A Consul KV client rooted at a key prefix.
 
@@ -231,6 +243,11 @@ class Store:
         )
         # py-consul lets CONSUL_HTTP_TOKEN override an explicit token; ours is explicit.
         self._consul.token = self.settings.token
+        # requests looks for proxies and a netrc file in the environment on every request (a
+        # quarter of the CPU of a cluster tick pass); where there is none, it finds nothing.
+        session = getattr(self._consul.http, "session", None)
+        if session is not None and not requests_env_in_use():
+            session.trust_env = False
         prefix = (self.settings.prefix or "").strip("/")
         self.prefix = prefix + "/" if prefix else ""
 
