@@ -61,6 +61,30 @@ def problems_key(problems: Iterable[Any]) -> tuple[tuple[str, str, str], ...]:
     return tuple(sorted((p.object, p.field, p.reason) for p in problems))
 
 
+# -- nodes gone silent -------------------------------------------------------------------
+
+
+def silent_nodes(
+    seen: Mapping[str, tuple[str, float]], heartbeats: Mapping[str, str], now: float, ttl: float
+) -> tuple[dict[str, tuple[str, float]], frozenset[str]]:
+    """The nodes whose node key stopped changing: (what to pass as ``seen`` next time, their ids).
+
+    ``heartbeats``: {node id: the ``heartbeat`` value of its ``nodes/<id>`` key}; ``now``: this
+    tick's clock (the nodes' clocks are never compared with it). A node is silent once its
+    heartbeat has not changed for ``ttl`` seconds: its node tick would have rewritten it every
+    interval. Consul deletes the key between ``ttl`` and 2 x ``ttl`` after the session's last
+    renewal; counting from the last change seen here finds a dead node at about ``ttl``.
+    """
+    out, silent = {}, set()
+    for node, hb in heartbeats.items():
+        prev = seen.get(node)
+        since = prev[1] if prev is not None and prev[0] == hb else now
+        out[node] = (hb, since)
+        if now - since >= ttl:
+            silent.add(node)
+    return out, frozenset(silent)
+
+
 # -- retries of failed nodes ---------------------------------------------------------------
 
 

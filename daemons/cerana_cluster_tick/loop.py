@@ -89,6 +89,9 @@ class ClusterTick:
         self.unrecorded: Unrecorded | None = None
         self.on_reachable: Callable[[], Any] | None = None  # called once Consul answered in a pass
         self.runs = 0
+        self.node_seen: dict[str, tuple[str, float]] = {}  # node -> (its heartbeat, clock() when it changed)
+        self.silent: frozenset[str] = frozenset()
+        self._node_ttl = 30.0
 
     # -- one pass ---------------------------------------------------------------------------
 
@@ -101,6 +104,7 @@ class ClusterTick:
         state = _clusterstate.read_state(self.objects, self.epoch())
         if self.on_reachable is not None:
             self.on_reachable()
+        state = self._without_silent_nodes(state, now)
         plan = _planner.plan(state, max_unavailable=s.max_unavailable, grace=s.grace)
         changed = plan.changed_nodes()
         fingerprints = {n: core.fingerprint(plan.nodes[n]) for n in changed}
@@ -134,6 +138,7 @@ class ClusterTick:
             log.warning("the results of the last run were not recorded: %s", core.log_line(self.unrecorded.event))
         self.unrecorded = None
         self.retries = {}
+        self.node_seen, self.silent = {}, frozenset()
         self.leadership.release()
 
     def retries_waiting(self) -> dict[str, float]:
@@ -141,7 +146,29 @@ class ClusterTick:
 
     def _due(self, waiting: Mapping[str, float]) -> float | None:
         deadlines = [*waiting.values(), *self.rechecks]
+        if self.node_seen and len(self.silent) < len(self.node_seen):
+            # look again when the quietest node that still counts as live would go silent
+            ttl = self._node_ttl
+            deadlines.append(min(t for n, (_hb, t) in self.node_seen.items() if n not in self.silent) + ttl + 0.05)
         return min(deadlines) if deadlines else None
+
+    def _without_silent_nodes(self, state: Any, now: float) -> Any:
+        """The state less the nodes whose heartbeat stopped changing for ``node_ttl`` (see
+        :func:`core.silent_nodes`): a lost node is replaced without waiting for Consul to
+        expire its key (up to 2 x ``node_ttl``)."""
+        self._node_ttl = float(state.config.node_ttl)
+        beats = {n: node.heartbeat for n, node in state.nodes.items()}
+        self.node_seen, silent = core.silent_nodes(self.node_seen, beats, now, self._node_ttl)
+        if silent != self.silent:
+            for n in sorted(silent - self.silent):
+                log.warning("node %s: no heartbeat for %g s, treated as lost", n, self._node_ttl)
+            for n in sorted(self.silent - silent):
+                if n in beats:
+                    log.info("node %s: heartbeating again", n)
+            self.silent = silent
+        if not silent:
+            return state
+        return dataclasses.replace(state, nodes={n: v for n, v in state.nodes.items() if n not in silent})
 
     # -- a converge run -----------------------------------------------------------------------
 

@@ -308,3 +308,15 @@ def test_host_map_reads_tagged_values_of_ansible_core_2_19():
                                       "node2": {"cerana_node_id": {"__ansible_unsafe": "bb22"}}}},
                "cerana_nodes": {"hosts": ["0ece41e2", "node2"]}}  # fmt: skip
     assert core.host_map(listing) == {"0ece41e2": "0ece41e2", "bb22": "node2"}
+
+
+def test_a_node_whose_heartbeat_stops_changing_goes_silent_after_the_ttl():
+    seen, silent = core.silent_nodes({}, {"a": "t1", "b": "t1"}, now=100.0, ttl=3)
+    assert silent == frozenset() and seen == {"a": ("t1", 100.0), "b": ("t1", 100.0)}
+    seen, silent = core.silent_nodes(seen, {"a": "t2", "b": "t1"}, now=102.0, ttl=3)
+    assert silent == frozenset() and seen["a"] == ("t2", 102.0) and seen["b"] == ("t1", 100.0)
+    seen, silent = core.silent_nodes(seen, {"a": "t3", "b": "t1"}, now=103.0, ttl=3)
+    assert silent == {"b"}  # unchanged for 3 s of this clock: whatever its own clock says
+    # it heartbeats again: live at once; a node whose key is gone is forgotten
+    seen, silent = core.silent_nodes(seen, {"b": "t9"}, now=104.0, ttl=3)
+    assert silent == frozenset() and set(seen) == {"b"}
