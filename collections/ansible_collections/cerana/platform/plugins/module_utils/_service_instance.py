@@ -170,97 +170,177 @@ def wait_started(sd, spec, settle):
     return False, None
 
 
+class ServiceFailed(Exception):
+    """``error`` (InstanceError, SpecError, ValidationError) while handling ``service``."""
+
+    def __init__(self, service, error):
+        super().__init__("service %s: %s" % (service, error))
+        self.service = service
+        self.error = error
+
+
+class _Instance:
+    """One container instance on its way to its state (see :func:`run_many`)."""
+
+    def __init__(self, task, sd):
+        p = task.params
+        self.task = task
+        self.p = p
+        self.service = p["service"]
+        self.unit = su.unit_name(m._label(p["bundle"], "bundle"), m._label(p["service"], "service"))
+        self.unit_path = os.path.join(p["unit_dir"], self.unit)
+        self.before = read_text(self.unit_path)
+        self.status = sd.show(self.unit)
+        self.result = {"unit": self.unit, "unit_path": self.unit_path, "restarted": False}
+        self.spec = self.after = None
+        self.enabled_now = False
+        self.changed = False
+
+    def check(self):
+        """Everything that can be checked before writing anything; sets ``after`` and ``changed``."""
+        p, status = self.p, self.status
+        if p["state"] == "absent":
+            self.changed = self.before is not None or status["active"]
+        else:
+            self.spec = spec = load_spec(self.task)
+            entries, bwrap = preflight(self.task, spec)
+            self.after = su.render_unit(spec, entries, bwrap=bwrap)
+            want_active = p["state"] == "started"
+            self.changed = (
+                self.before != self.after or status["active"] != want_active or status["enabled"] != want_active
+            )
+            if want_active and (self.before != self.after or not status["active"]):
+                ports = listening() if spec.netns_path is None else listening_in(self.task, spec.netns_path)
+                taken = su.taken_ports(spec.ports, ports, bundle_socket_inodes(spec.bundle))
+                if taken:
+                    raise InstanceError(
+                        "port%s %s of bundle %s already in use on this node" % (
+                            "s" if len(taken) > 1 else "", ", ".join(map(str, taken)), spec.bundle),
+                        ports=taken,
+                    )  # fmt: skip
+        if self.task._diff:
+            self.result["diff"] = {
+                "before": self.before or "",
+                "after": self.after or "",
+                "before_header": self.unit_path,
+                "after_header": self.unit_path,
+            }
+        self.result["unit_hash"] = su.content_hash(self.after) if self.after is not None else None
+        self.result["changed"] = self.changed
+        if self.task.check_mode or not self.changed:
+            self.result["active"] = p["state"] == "started" if self.changed else status["active"]
+            self.result["main_pid"] = status["main_pid"] if not self.changed else None
+            return False
+        return True
+
+    def write(self, sd, uid, gid):
+        """Instance directories and the unit file; True when the unit changed (a reload is due)."""
+        for d in self.spec.instance_dirs():
+            if not os.path.isdir(d):
+                os.makedirs(d, mode=0o750)
+                os.chown(d, uid, gid)
+        if self.before == self.after:
+            return False
+        _write_unit(self.unit_path, self.after)
+        if self.p["state"] == "started" and not self.status["enabled"]:
+            # only the symlink: the one reload after the writes picks it up
+            sd.run("enable", "--no-reload", self.unit)
+            self.enabled_now = True
+        return True
+
+    def remove(self, sd):
+        p = self.p
+        if self.status["active"] or self.status["enabled"]:
+            sd.run("disable", "--now", self.unit, check=False)
+        remove_file(self.unit_path)
+        sd.run("daemon-reload")
+        sd.run("reset-failed", self.unit, check=False)
+        _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
+        self.result.update(active=False, main_pid=None)
+
+    def stop(self, sd):
+        p = self.p
+        sd.run("disable", "--now", self.unit)
+        _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
+        self.result.update(active=False, main_pid=None)
+
+    def settled(self, sd):
+        """After the start: stayed up (else put back as it was and fail), enabled."""
+        ok, pid = wait_started(sd, self.spec, self.p["settle"])
+        if not ok:
+            journal = sd.journal(self.unit)
+            rollback(sd, self.unit, self.unit_path, self.before, self.status["active"], self.p, self.enabled_now)
+            raise InstanceError(
+                "%s did not stay up after starting; %s. Last journal lines:\n%s"
+                % (
+                    self.unit,
+                    "the previous unit was put back" if self.before is not None else "the unit was removed",
+                    journal,
+                ),
+                journal=journal.splitlines(),
+            )
+        if not self.status["enabled"] and not self.enabled_now:
+            sd.run("enable", self.unit)
+        self.result.update(active=True, main_pid=pid)
+
+
+def _each(instances, fn):
+    for inst in instances:
+        try:
+            fn(inst)
+        except (InstanceError, su.SpecError, m.ValidationError) as e:
+            raise ServiceFailed(inst.service, e) from None
+
+
+def run_many(tasks):
+    """Container instances (one Task each, any state) to their states; their results, in order.
+
+    Everything is checked before anything is written (a bad service fails the call before any
+    instance changed). Then the unit files of all of them are written and systemd reloaded
+    once; the instances to start are started by one ``systemctl start`` and those to restart
+    by one ``systemctl restart``, then each must stay up ``settle`` seconds (one that does
+    not is put back as it was). Raises :class:`ServiceFailed`.
+    """
+    if not tasks:
+        return []
+    sd = Systemd(tasks[0])
+    instances = []
+    for task in tasks:
+        try:
+            instances.append(_Instance(task, sd))
+        except (InstanceError, su.SpecError, m.ValidationError) as e:
+            raise ServiceFailed(task.params["service"], e) from None
+    pending = []
+    _each(instances, lambda inst: inst.check() and pending.append(inst))
+    _each([i for i in pending if i.p["state"] == "absent"], lambda inst: inst.remove(sd))
+    live = [i for i in pending if i.p["state"] != "absent"]
+    if live:
+        uid, gid, _created = ensure_user(tasks[0])
+        written = []
+        _each(live, lambda inst: inst.write(sd, uid, gid) and written.append(inst))
+        if written:
+            sd.run("daemon-reload")
+        _each([i for i in live if i.p["state"] == "stopped"], lambda inst: inst.stop(sd))
+        started = [i for i in live if i.p["state"] == "started"]
+        restart = [i for i in started if i.status["active"] and i.before != i.after]
+        start = [i for i in started if not i.status["active"]]
+        if restart:
+            sd.run("restart", *[i.unit for i in restart])
+            for inst in restart:
+                inst.result["restarted"] = True
+        if start:
+            sd.run("reset-failed", *[i.unit for i in start], check=False)
+            sd.run("start", *[i.unit for i in start], check=False)
+        _each(started, lambda inst: inst.settled(sd))
+    return [inst.result for inst in instances]
+
+
 def run(module):
-    p = module.params
-    unit = su.unit_name(m._label(p["bundle"], "bundle"), m._label(p["service"], "service"))
-    unit_path = os.path.join(p["unit_dir"], unit)
-    sd = Systemd(module)
-    before = read_text(unit_path)
-    status = sd.show(unit)
-    result = {"unit": unit, "unit_path": unit_path, "restarted": False}
-
-    if p["state"] == "absent":
-        after = None
-        changed = before is not None or status["active"]
-    else:
-        spec = load_spec(module)
-        entries, bwrap = preflight(module, spec)
-        after = su.render_unit(spec, entries, bwrap=bwrap)
-        want_active = p["state"] == "started"
-        changed = before != after or status["active"] != want_active or status["enabled"] != want_active
-        if want_active and (before != after or not status["active"]):
-            ports = listening() if spec.netns_path is None else listening_in(module, spec.netns_path)
-            taken = su.taken_ports(spec.ports, ports, bundle_socket_inodes(spec.bundle))
-            if taken:
-                raise InstanceError(
-                    "port%s %s of bundle %s already in use on this node" % (
-                        "s" if len(taken) > 1 else "", ", ".join(map(str, taken)), spec.bundle),
-                    ports=taken,
-                )  # fmt: skip
-    if module._diff:
-        result["diff"] = {
-            "before": before or "",
-            "after": after or "",
-            "before_header": unit_path,
-            "after_header": unit_path,
-        }
-    result["unit_hash"] = su.content_hash(after) if after is not None else None
-    result["changed"] = changed
-    if module.check_mode or not changed:
-        result["active"] = p["state"] == "started" if changed else status["active"]
-        result["main_pid"] = status["main_pid"] if not changed else None
-        return result
-
-    if p["state"] == "absent":
-        if status["active"] or status["enabled"]:
-            sd.run("disable", "--now", unit, check=False)
-        remove_file(unit_path)
-        sd.run("daemon-reload")
-        sd.run("reset-failed", unit, check=False)
-        _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
-        result.update(active=False, main_pid=None)
-        return result
-
-    _uid, _gid, _created = ensure_user(module)
-    for d in spec.instance_dirs():
-        if not os.path.isdir(d):
-            os.makedirs(d, mode=0o750)
-            os.chown(d, _uid, _gid)
-    enabled_now = False
-    if before != after:
-        _write_unit(unit_path, after)
-        if p["state"] == "started" and not status["enabled"]:
-            # only the symlink: the reload below picks it up (one reload instead of two)
-            sd.run("enable", "--no-reload", unit)
-            enabled_now = True
-        sd.run("daemon-reload")
-
-    if p["state"] == "stopped":
-        sd.run("disable", "--now", unit)
-        _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
-        result.update(active=False, main_pid=None)
-        return result
-
-    was_active = status["active"]
-    if was_active and before != after:
-        sd.run("restart", unit)
-        result["restarted"] = True
-    elif not status["active"]:
-        sd.run("reset-failed", unit, check=False)
-        sd.run("start", unit, check=False)
-    ok, pid = wait_started(sd, spec, p["settle"])
-    if not ok:
-        journal = sd.journal(unit)
-        rollback(sd, unit, unit_path, before, was_active, p, enabled_now)
-        raise InstanceError(
-            "%s did not stay up after starting; %s. Last journal lines:\n%s"
-            % (unit, "the previous unit was put back" if before is not None else "the unit was removed", journal),
-            journal=journal.splitlines(),
-        )
-    if not status["enabled"] and not enabled_now:
-        sd.run("enable", unit)
-    result.update(active=True, main_pid=pid)
-    return result
+    """The container instance of ``module.params["service"]`` to its state."""
+    try:
+        return run_many([module])[0]
+    except ServiceFailed as e:
+        raise e.error from None
 
 
 def rollback(sd, unit, unit_path, before, was_active, p, enabled_now=False):
@@ -355,6 +435,34 @@ def dispatch(module):
         result["kind"] = "container"
     result["changed"] = result["changed"] or bool(old and old["changed"])
     return result
+
+
+def dispatch_many(tasks):
+    """:func:`dispatch` for several services (Tasks): VMs one by one, container instances
+    together through :func:`run_many` (one reload, starts issued together). Results in the
+    order of ``tasks``; raises :class:`ServiceFailed`."""
+    results, containers = {}, []
+    for i, task in enumerate(tasks):
+        p = task.params
+        try:
+            place = vmu.VmPlace(m._label(p["bundle"], "bundle"), m._label(p["service"], "service"),
+                                p["data_dir"], p["run_dir"])  # fmt: skip
+            if p["state"] == "absent":
+                results[i] = dispatch(task)
+                continue
+            _overlay, kind = service_overlay(task)
+            if kind == "vm":
+                results[i] = dispatch(task)
+                continue
+            old = as_absent(task, run_vm, None, place) if os.path.isdir(place.vm_dir) else None
+        except (InstanceError, su.SpecError, m.ValidationError) as e:
+            raise ServiceFailed(p["service"], e) from None
+        containers.append((i, task, old))
+    for (i, _task, old), result in zip(containers, run_many([entry[1] for entry in containers]), strict=True):
+        result["kind"] = "container"
+        result["changed"] = result["changed"] or bool(old and old["changed"])
+        results[i] = result
+    return [results[i] for i in range(len(tasks))]
 
 
 # ---------------------------------------------------------------------------

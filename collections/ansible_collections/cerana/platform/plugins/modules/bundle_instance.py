@@ -20,9 +20,10 @@ description:
     the bundle removed.
   - V(absent) - every instance of the bundle found on this node (its unit files, instance records and VM
     directories; Consul is not read for them) removed, then its network.
-  - A service that does not stay up after its start is put back as it was (see M(cerana.platform.service_instance))
-    and the task fails naming the service; the services handled before it keep their new state, and a second run
-    continues from there.
+  - Every service is checked (dataset on the node, command in the dataset, ports) before any unit is written; then
+    the changed units are written, systemd is reloaded once, and the instances to start are started together. A
+    service that does not stay up is put back as it was (see M(cerana.platform.service_instance)) and the task
+    fails naming it; the other services keep their new state, and a second run continues from there.
   - Needs what both modules need on the node - C(pyroute2), C(py-consul), C(bwrap), systemd, and libvirt-python for
     VM services.
 extends_documentation_fragment:
@@ -128,7 +129,6 @@ from ansible_collections.cerana.platform.plugins.module_utils import _bundle_net
 from ansible_collections.cerana.platform.plugins.module_utils import _bundle_netio as bnio
 from ansible_collections.cerana.platform.plugins.module_utils import _models as m
 from ansible_collections.cerana.platform.plugins.module_utils import _service_instance as si
-from ansible_collections.cerana.platform.plugins.module_utils import _service_units as su
 from ansible_collections.cerana.platform.plugins.module_utils._ansible import CONNECTION_ARGSPEC, store_from_module
 from ansible_collections.cerana.platform.plugins.module_utils._store import StoreError
 from ansible_collections.cerana.platform.plugins.module_utils._systemd import InstanceError
@@ -148,13 +148,6 @@ ARGUMENT_SPEC = dict(
 )
 
 
-class ServiceFailed(Exception):
-    def __init__(self, service, error):
-        super().__init__("service %s: %s" % (service, error))
-        self.service = service
-        self.error = error
-
-
 def network(module, state):
     p = module.params
     params = dict(
@@ -166,16 +159,18 @@ def network(module, state):
     return bnio.run(store_from_module(module), opts, state, module.check_mode, module._diff)
 
 
-def instance(module, service, state, out, diffs):
-    try:
-        result = si.dispatch(si.Task(module, service=service, state=state))
-    except (InstanceError, su.SpecError, m.ValidationError) as e:
-        raise ServiceFailed(service, e) from None
-    diff = result.pop("diff", None)
-    if diff:
-        diffs.append(diff)
-    out[service] = result
-    return result["changed"]
+def instances(module, services, state, out, diffs):
+    """The services' instances to ``state`` (containers together); the ids of those that changed."""
+    tasks = [si.Task(module, service=s, state=state) for s in services]
+    changed = []
+    for service, result in zip(services, si.dispatch_many(tasks), strict=True):
+        diff = result.pop("diff", None)
+        if diff:
+            diffs.append(diff)
+        out[service] = result
+        if result["changed"]:
+            changed.append(service)
+    return changed
 
 
 def converge(module):
@@ -191,17 +186,14 @@ def converge(module):
             diffs.append(net.pop("diff"))
         result["network"] = net
         result["changed"] = net["changed"]
-        for service in [s for s in found if s not in declared]:
-            if instance(module, service, "absent", result["services"], diffs):
-                result["changed"] = True
-                result["removed"].append(service)
-        for service in declared:
-            result["changed"] = instance(module, service, "started", result["services"], diffs) or result["changed"]
+        result["removed"] = instances(
+            module, [s for s in found if s not in declared], "absent", result["services"], diffs
+        )
+        started = instances(module, declared, "started", result["services"], diffs)
+        result["changed"] = bool(result["changed"] or result["removed"] or started)
     else:
-        for service in found:
-            if instance(module, service, "absent", result["services"], diffs):
-                result["changed"] = True
-                result["removed"].append(service)
+        result["removed"] = instances(module, found, "absent", result["services"], diffs)
+        result["changed"] = bool(result["removed"])
         net = network(module, "absent")
         if net.get("diff"):
             diffs.append(net.pop("diff"))
@@ -218,7 +210,7 @@ def main():
         module.fail_json(msg=missing_required_lib("pyroute2"), exception=str(bnio.PYROUTE2_IMPORT_ERROR))
     try:
         result = converge(module)
-    except ServiceFailed as e:
+    except si.ServiceFailed as e:
         extra = dict(e.error.extra) if isinstance(e.error, InstanceError) else {}
         if isinstance(e.error, m.ValidationError):
             extra["field"] = e.error.path
