@@ -32,3 +32,17 @@ def test_task_replaces_parameters_and_keeps_the_rest() -> None:
     assert task.check_mode is True
     task.params["state"] = "started"
     assert module.params["state"] == "started" and module.params["service"] is None  # the module's own are untouched
+
+
+def test_failure_names_the_field_the_service_and_the_extra_values() -> None:
+    from ansible_collections.cerana.platform.plugins.module_utils import _models as m
+    from ansible_collections.cerana.platform.plugins.module_utils._store import StoreError
+    from ansible_collections.cerana.platform.plugins.module_utils._systemd import InstanceError
+
+    assert si.failure(m.ValidationError("bundle", "must be a label")) == {
+        "msg": "bundle: must be a label", "field": "bundle"}  # fmt: skip
+    assert si.failure(InstanceError("port 80 in use", ports=[80])) == {"msg": "port 80 in use", "ports": [80]}
+    assert si.failure(StoreError("Consul unreachable")) == {"msg": "Consul unreachable"}
+    wrapped = si.ServiceFailed("web", InstanceError("did not stay up", journal=["x"]))
+    assert si.failure(wrapped) == {"msg": "service web: did not stay up", "service": "web", "journal": ["x"]}
+    assert all(isinstance(e, si.EXPECTED) for e in (wrapped, StoreError("x"), m.ValidationError("a", "b")))

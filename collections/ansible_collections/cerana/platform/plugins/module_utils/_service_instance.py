@@ -26,6 +26,7 @@ from ansible_collections.cerana.platform.plugins.module_utils import _vm as vmu
 from ansible_collections.cerana.platform.plugins.module_utils._ansible import store_from_module
 from ansible_collections.cerana.platform.plugins.module_utils._files import atomic_write, read_text, remove_file
 from ansible_collections.cerana.platform.plugins.module_utils._objects import Objects
+from ansible_collections.cerana.platform.plugins.module_utils._store import StoreError
 from ansible_collections.cerana.platform.plugins.module_utils._systemd import (
     InstanceError,
     Systemd,
@@ -78,16 +79,27 @@ def ensure_user(module):
     return pw.pw_uid, pw.pw_gid, True
 
 
+def bundle_overlay(module):
+    """The overlay of bundle ``module.params["bundle"]`` (the bundle merged with its services and
+    datasets), read from Consul once per module run: every service of a bundle handled in one
+    run sees the same declaration."""
+    bundle_id = m._label(module.params["bundle"], "bundle")
+    root = getattr(module, "_module", module)  # a Task shares its module's cache
+    cache = root.__dict__.setdefault("_cerana_overlays", {})
+    if bundle_id not in cache:
+        objects = Objects(store_from_module(module))
+        stored = objects.get("bundle", bundle_id)
+        if stored is None:
+            raise InstanceError("bundle %s is not declared" % bundle_id)
+        cache[bundle_id] = objects.overlay(stored.obj)
+    return cache[bundle_id]
+
+
 def load_spec(module):
     p = module.params
-    objects = Objects(store_from_module(module))
-    bundle_id = m._label(p["bundle"], "bundle")
     m._label(p["service"], "service")
-    stored = objects.get("bundle", bundle_id)
-    if stored is None:
-        raise InstanceError("bundle %s is not declared" % bundle_id)
-    overlay = objects.overlay(stored.obj)
-    netns_path = bundle_netns(p["run_dir"], bundle_id)
+    overlay = bundle_overlay(module)
+    netns_path = bundle_netns(p["run_dir"], p["bundle"])
     return su.build_spec(overlay, p["service"], p["data_dir"], p["run_dir"], netns_path=netns_path)
 
 
@@ -284,6 +296,21 @@ class _Instance:
         self.result.update(active=True, main_pid=pid)
 
 
+EXPECTED = (ServiceFailed, InstanceError, su.SpecError, m.ValidationError, StoreError)
+
+
+def failure(e):
+    """``fail_json`` arguments for an expected error: its message, ``field`` for a
+    ValidationError, ``service`` for a ServiceFailed, and the error's ``extra`` values."""
+    if isinstance(e, ServiceFailed):
+        out = failure(e.error)
+        out.update(msg=str(e), service=e.service)
+        return out
+    if isinstance(e, m.ValidationError):
+        return {"msg": str(e), "field": e.path}
+    return dict(getattr(e, "extra", None) or {}, msg=str(e))
+
+
 def _each(instances, fn):
     for inst in instances:
         try:
@@ -364,15 +391,9 @@ def rollback(sd, unit, unit_path, before, was_active, p, enabled_now=False):
 
 def service_overlay(module):
     """(the bundle overlay, the service's kind) from Consul."""
-    p = module.params
-    objects = Objects(store_from_module(module))
-    bundle_id = m._label(p["bundle"], "bundle")
-    m._label(p["service"], "service")
-    stored = objects.get("bundle", bundle_id)
-    if stored is None:
-        raise InstanceError("bundle %s is not declared" % bundle_id)
-    overlay = objects.overlay(stored.obj)
-    return overlay, (overlay["services"].get(p["service"]) or {}).get("kind", "container")
+    m._label(module.params["service"], "service")
+    overlay = bundle_overlay(module)
+    return overlay, (overlay["services"].get(module.params["service"]) or {}).get("kind", "container")
 
 
 def as_absent(module, fn, *args):
@@ -471,12 +492,7 @@ def dispatch_many(tasks):
 
 def declared_services(module):
     """The service ids of the bundle ``module.params["bundle"]`` as declared in Consul (sorted)."""
-    bundle_id = m._label(module.params["bundle"], "bundle")
-    objects = Objects(store_from_module(module))
-    stored = objects.get("bundle", bundle_id)
-    if stored is None:
-        raise InstanceError("bundle %s is not declared" % bundle_id)
-    return sorted(objects.overlay(stored.obj)["services"])
+    return sorted(bundle_overlay(module)["services"])
 
 
 def services_on_node(bundle, unit_dir, run_dir, data_dir):

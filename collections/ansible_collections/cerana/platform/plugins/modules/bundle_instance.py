@@ -130,8 +130,6 @@ from ansible_collections.cerana.platform.plugins.module_utils import _bundle_net
 from ansible_collections.cerana.platform.plugins.module_utils import _models as m
 from ansible_collections.cerana.platform.plugins.module_utils import _service_instance as si
 from ansible_collections.cerana.platform.plugins.module_utils._ansible import CONNECTION_ARGSPEC, store_from_module
-from ansible_collections.cerana.platform.plugins.module_utils._store import StoreError
-from ansible_collections.cerana.platform.plugins.module_utils._systemd import InstanceError
 
 ARGUMENT_SPEC = dict(
     bundle=dict(type="str", required=True),
@@ -210,19 +208,8 @@ def main():
         module.fail_json(msg=missing_required_lib("pyroute2"), exception=str(bnio.PYROUTE2_IMPORT_ERROR))
     try:
         result = converge(module)
-    except si.ServiceFailed as e:
-        extra = dict(e.error.extra) if isinstance(e.error, InstanceError) else {}
-        if isinstance(e.error, m.ValidationError):
-            extra["field"] = e.error.path
-        module.fail_json(msg=str(e), service=e.service, **extra)
-    except bnio.NetError as e:
-        module.fail_json(msg="network: %s" % e, **e.extra)
-    except InstanceError as e:
-        module.fail_json(msg=str(e), **e.extra)
-    except m.ValidationError as e:
-        module.fail_json(msg=str(e), field=e.path)
-    except StoreError as e:
-        module.fail_json(msg=str(e))
+    except (*si.EXPECTED, bnio.NetError) as e:
+        module.fail_json(**si.failure(e))
     module.exit_json(**result)
 
 

@@ -179,12 +179,8 @@ serial_log:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.cerana.platform.plugins.module_utils import _models as m
-from ansible_collections.cerana.platform.plugins.module_utils import _service_units as su
+from ansible_collections.cerana.platform.plugins.module_utils import _service_instance as si
 from ansible_collections.cerana.platform.plugins.module_utils._ansible import CONNECTION_ARGSPEC
-from ansible_collections.cerana.platform.plugins.module_utils._service_instance import dispatch
-from ansible_collections.cerana.platform.plugins.module_utils._store import StoreError
-from ansible_collections.cerana.platform.plugins.module_utils._systemd import InstanceError
 
 ARGUMENT_SPEC = dict(
     bundle=dict(type="str", required=True),
@@ -204,15 +200,9 @@ ARGUMENT_SPEC = dict(
 def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     try:
-        result = dispatch(module)
-    except InstanceError as e:
-        module.fail_json(msg=str(e), **e.extra)
-    except su.SpecError as e:
-        module.fail_json(msg=str(e))
-    except m.ValidationError as e:
-        module.fail_json(msg=str(e), field=e.path)
-    except StoreError as e:
-        module.fail_json(msg=str(e))
+        result = si.dispatch(module)
+    except si.EXPECTED as e:
+        module.fail_json(**si.failure(e))
     module.exit_json(**result)
 
 
