@@ -138,8 +138,13 @@ class ClusterTick:
             log.warning("the results of the last run were not recorded: %s", core.log_line(self.unrecorded.event))
         self.unrecorded = None
         self.retries = {}
-        self.node_seen, self.silent = {}, frozenset()
+        self.lost_sight()
         self.leadership.release()
+
+    def lost_sight(self) -> None:
+        """Consul could not be read: the nodes could not write their heartbeats either, so
+        silence is counted afresh from the next pass that reads them."""
+        self.node_seen, self.silent = {}, frozenset()
 
     def retries_waiting(self) -> dict[str, float]:
         return {n: r.not_before for n, r in self.retries.items()}
@@ -432,6 +437,7 @@ def run(
                 if isinstance(e, _store.LockNotHeld) and tick.leadership.leading:
                     tick.stand_down(str(e))
                     continue
+                tick.lost_sight()
                 wait = link.failed(str(e))
             except Exception as e:  # a bug must not stop the cluster's reconciliation
                 log.exception("pass failed: %s", e)
