@@ -46,3 +46,27 @@ def test_failure_names_the_field_the_service_and_the_extra_values() -> None:
     wrapped = si.ServiceFailed("web", InstanceError("did not stay up", journal=["x"]))
     assert si.failure(wrapped) == {"msg": "service web: did not stay up", "service": "web", "journal": ["x"]}
     assert all(isinstance(e, si.EXPECTED) for e in (wrapped, StoreError("x"), m.ValidationError("a", "b")))
+
+
+def test_show_many_reads_one_block_per_unit_in_order() -> None:
+    from ansible_collections.cerana.platform.plugins.module_utils._systemd import Systemd
+
+    calls = []
+    out = (
+        "MainPID=41\nNRestarts=2\nActiveState=active\nSubState=running\nUnitFileState=enabled\nLoadState=loaded\n\n"
+        "MainPID=0\nNRestarts=0\nActiveState=failed\nSubState=failed\nUnitFileState=disabled\nLoadState=loaded\n\n"
+        "MainPID=0\nNRestarts=0\nActiveState=inactive\nSubState=dead\nUnitFileState=\nLoadState=not-found\n"
+    )
+
+    def run_command(argv):
+        calls.append(argv)
+        return 0, out, ""
+
+    module = SimpleNamespace(get_bin_path=lambda name, required=False: "/bin/" + name, run_command=run_command)
+    states = Systemd(module).show_many(["a.service", "b.service", "c.service"])
+    assert len(calls) == 1 and calls[0][-3:] == ["a.service", "b.service", "c.service"]
+    assert states["a.service"] == {"active": True, "active_state": "active", "main_pid": 41, "restarts": 2,
+                                   "enabled": True}  # fmt: skip
+    assert states["b.service"]["active_state"] == "failed" and not states["b.service"]["active"]
+    assert states["c.service"] == {"active": False, "active_state": "inactive", "main_pid": None, "restarts": 0,
+                                   "enabled": False}  # fmt: skip

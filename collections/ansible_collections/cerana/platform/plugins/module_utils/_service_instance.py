@@ -32,6 +32,7 @@ from ansible_collections.cerana.platform.plugins.module_utils._systemd import (
     Systemd,
     bundle_socket_inodes,
     listening,
+    listening_in,
 )
 
 
@@ -119,19 +120,6 @@ def bundle_netns(run_dir, bundle_id):
     return network.netns_path
 
 
-def listening_in(module, netns_path):
-    """Like _systemd.listening(), but the sockets of the network namespace ``netns_path``."""
-    nsenter = module.get_bin_path("nsenter", required=True)
-    out = {}
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        rc, text, err = module.run_command([nsenter, "--net=" + netns_path, "cat", name])
-        if rc != 0 and name.endswith("tcp"):
-            raise InstanceError("cannot read the ports in %s: %s" % (netns_path, (err or text).strip()))
-        for port, inodes in su.parse_proc_net_tcp(text if rc == 0 else "").items():
-            out.setdefault(port, set()).update(inodes)
-    return out
-
-
 def preflight(module, spec):
     """Everything that can be checked before writing anything: returns (entries, bwrap path)."""
     for dataset, directory in spec.node_datasets():
@@ -160,26 +148,38 @@ def preflight(module, spec):
     return entries, bwrap
 
 
-def wait_started(sd, spec, settle):
-    """(True, main pid) once the unit is active, its record written, and it stayed up ``settle`` s."""
+def wait_started(sd, specs, settle):
+    """{unit: main pid, or None when it did not start} for the instances of ``specs``, started
+    together: each once its unit is active with its record written (by ExecStartPost, with the
+    main pid) and it stayed up ``settle`` s (no restart, same pid); all watched at once, with
+    one ``systemctl show`` a poll."""
     deadline = time.monotonic() + max(5.0, settle * 3)
-    record = _instances.instance_path(spec.run_dir, spec.bundle, spec.service)
-    first = None
-    while time.monotonic() < deadline:
-        st = sd.show(spec.unit)
-        text = read_text(record) if st["active_state"] == "active" and st["main_pid"] else None
-        if text and _instances.parse_instance(spec.bundle, spec.service, text).pid == st["main_pid"]:
-            now = time.monotonic()
-            if first is None:
-                first = (now, st["main_pid"], st["restarts"])
-            elif (st["main_pid"], st["restarts"]) != first[1:]:
-                return False, None
-            elif now - first[0] >= settle:
-                return True, st["main_pid"]
-        elif first is not None or st["active_state"] == "failed":
-            return False, None
-        time.sleep(0.1)
-    return False, None
+    pending = {spec.unit: spec for spec in specs}
+    first, out = {}, {}
+    while pending and time.monotonic() < deadline:
+        states = sd.show_many(list(pending))
+        now = time.monotonic()
+        for unit, spec in list(pending.items()):
+            st = states[unit]
+            record = _instances.instance_path(spec.run_dir, spec.bundle, spec.service)
+            text = read_text(record) if st["active_state"] == "active" and st["main_pid"] else None
+            if text and _instances.parse_instance(spec.bundle, spec.service, text).pid == st["main_pid"]:
+                seen = first.setdefault(unit, (now, st["main_pid"], st["restarts"]))
+                if (st["main_pid"], st["restarts"]) != seen[1:]:
+                    out[unit] = None
+                elif now - seen[0] >= settle:
+                    out[unit] = st["main_pid"]
+                else:
+                    continue
+            elif unit in first or st["active_state"] == "failed":
+                out[unit] = None
+            else:
+                continue
+            del pending[unit]
+        if pending:
+            time.sleep(0.1)
+    out.update(dict.fromkeys(pending))
+    return out
 
 
 class ServiceFailed(Exception):
@@ -194,7 +194,7 @@ class ServiceFailed(Exception):
 class _Instance:
     """One container instance on its way to its state (see :func:`run_many`)."""
 
-    def __init__(self, task, sd):
+    def __init__(self, task):
         p = task.params
         self.task = task
         self.p = p
@@ -202,14 +202,15 @@ class _Instance:
         self.unit = su.unit_name(m._label(p["bundle"], "bundle"), m._label(p["service"], "service"))
         self.unit_path = os.path.join(p["unit_dir"], self.unit)
         self.before = read_text(self.unit_path)
-        self.status = sd.show(self.unit)
+        self.status = None  # set by run_many (one systemctl show for all)
         self.result = {"unit": self.unit, "unit_path": self.unit_path, "restarted": False}
         self.spec = self.after = None
         self.enabled_now = False
         self.changed = False
 
-    def check(self):
-        """Everything that can be checked before writing anything; sets ``after`` and ``changed``."""
+    def check(self, ports):
+        """Everything that can be checked before writing anything; sets ``after`` and ``changed``.
+        ``ports(spec)``: {port: socket inodes} listening where the instance would listen."""
         p, status = self.p, self.status
         if p["state"] == "absent":
             self.changed = self.before is not None or status["active"]
@@ -222,8 +223,7 @@ class _Instance:
                 self.before != self.after or status["active"] != want_active or status["enabled"] != want_active
             )
             if want_active and (self.before != self.after or not status["active"]):
-                ports = listening() if spec.netns_path is None else listening_in(self.task, spec.netns_path)
-                taken = su.taken_ports(spec.ports, ports, bundle_socket_inodes(spec.bundle))
+                taken = su.taken_ports(spec.ports, *ports(spec))
                 if taken:
                     raise InstanceError(
                         "port%s %s of bundle %s already in use on this node" % (
@@ -254,10 +254,8 @@ class _Instance:
         if self.before == self.after:
             return False
         _write_unit(self.unit_path, self.after)
-        if self.p["state"] == "started" and not self.status["enabled"]:
-            # only the symlink: the one reload after the writes picks it up
-            sd.run("enable", "--no-reload", self.unit)
-            self.enabled_now = True
+        # enabled (only the symlink) by run_many, the one reload after the writes picks it up
+        self.enabled_now = self.p["state"] == "started" and not self.status["enabled"]
         return True
 
     def remove(self, sd):
@@ -276,10 +274,10 @@ class _Instance:
         _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
         self.result.update(active=False, main_pid=None)
 
-    def settled(self, sd):
-        """After the start: stayed up (else put back as it was and fail), enabled."""
-        ok, pid = wait_started(sd, self.spec, self.p["settle"])
-        if not ok:
+    def settled(self, sd, pid):
+        """After the start (``pid``: its main pid if it stayed up, else None): put back as it
+        was and fail, or enabled."""
+        if pid is None:
             journal = sd.journal(self.unit)
             rollback(sd, self.unit, self.unit_path, self.before, self.status["active"], self.p, self.enabled_now)
             raise InstanceError(
@@ -319,14 +317,32 @@ def _each(instances, fn):
             raise ServiceFailed(inst.service, e) from None
 
 
+class _Ports:
+    """Who listens where, read once per place (the node, or a bundle's network namespace)
+    and per bundle (the sockets of its own units, which do not count as taken)."""
+
+    def __init__(self):
+        self.places = {}
+        self.own = {}
+
+    def __call__(self, spec):
+        """(listening {port: inodes}, the inodes of the bundle's own sockets) for ``spec``."""
+        place = spec.netns_path
+        if place not in self.places:
+            self.places[place] = listening() if place is None else listening_in(place)
+        if spec.bundle not in self.own:
+            self.own[spec.bundle] = bundle_socket_inodes(spec.bundle)
+        return self.places[place], self.own[spec.bundle]
+
+
 def run_many(tasks):
     """Container instances (one Task each, any state) to their states; their results, in order.
 
     Everything is checked before anything is written (a bad service fails the call before any
-    instance changed). Then the unit files of all of them are written and systemd reloaded
-    once; the instances to start are started by one ``systemctl start`` and those to restart
-    by one ``systemctl restart``, then each must stay up ``settle`` seconds (one that does
-    not is put back as it was). Raises :class:`ServiceFailed`.
+    instance changed). Then the unit files of all of them are written, the new ones enabled and
+    systemd reloaded once; the instances to start are started by one ``systemctl start`` and
+    those to restart by one ``systemctl restart``, then each must stay up ``settle`` seconds
+    (watched together; one that does not is put back as it was). Raises :class:`ServiceFailed`.
     """
     if not tasks:
         return []
@@ -334,17 +350,24 @@ def run_many(tasks):
     instances = []
     for task in tasks:
         try:
-            instances.append(_Instance(task, sd))
+            instances.append(_Instance(task))
         except (InstanceError, su.SpecError, m.ValidationError) as e:
             raise ServiceFailed(task.params["service"], e) from None
+    states = sd.show_many([inst.unit for inst in instances])
+    for inst in instances:
+        inst.status = states[inst.unit]
     pending = []
-    _each(instances, lambda inst: inst.check() and pending.append(inst))
+    ports = _Ports()
+    _each(instances, lambda inst: inst.check(ports) and pending.append(inst))
     _each([i for i in pending if i.p["state"] == "absent"], lambda inst: inst.remove(sd))
     live = [i for i in pending if i.p["state"] != "absent"]
     if live:
         uid, gid, _created = ensure_user(tasks[0])
         written = []
         _each(live, lambda inst: inst.write(sd, uid, gid) and written.append(inst))
+        enable = [i.unit for i in written if i.enabled_now]
+        if enable:
+            sd.run("enable", "--no-reload", *enable)
         if written:
             sd.run("daemon-reload")
         _each([i for i in live if i.p["state"] == "stopped"], lambda inst: inst.stop(sd))
@@ -356,9 +379,12 @@ def run_many(tasks):
             for inst in restart:
                 inst.result["restarted"] = True
         if start:
-            sd.run("reset-failed", *[i.unit for i in start], check=False)
+            failed = [i.unit for i in start if i.status["active_state"] == "failed"]
+            if failed:  # also clears the start rate limit
+                sd.run("reset-failed", *failed, check=False)
             sd.run("start", *[i.unit for i in start], check=False)
-        _each(started, lambda inst: inst.settled(sd))
+        pids = wait_started(sd, [i.spec for i in started], max(i.p["settle"] for i in started)) if started else {}
+        _each(started, lambda inst: inst.settled(sd, pids[inst.unit]))
     return [inst.result for inst in instances]
 
 

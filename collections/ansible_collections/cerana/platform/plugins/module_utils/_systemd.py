@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
 
 from ansible_collections.cerana.platform.plugins.module_utils import _service_units as su
 from ansible_collections.cerana.platform.plugins.module_utils._files import read_text
@@ -19,6 +21,19 @@ class InstanceError(Exception):
     def __init__(self, msg, **extra):
         super().__init__(msg)
         self.extra = extra
+
+
+SHOW_PROPERTIES = "ActiveState,SubState,MainPID,NRestarts,UnitFileState,LoadState"
+
+
+def _state(props):
+    return {
+        "active": props.get("ActiveState") in ("active", "activating", "reloading"),
+        "active_state": props.get("ActiveState", ""),
+        "main_pid": int(props.get("MainPID") or 0) or None,
+        "restarts": int(props.get("NRestarts") or 0),
+        "enabled": props.get("UnitFileState") == "enabled",
+    }
 
 
 class Systemd:
@@ -33,17 +48,14 @@ class Systemd:
         return rc, out
 
     def show(self, unit):
-        _rc, out = self.run(
-            "show", "-p", "ActiveState,SubState,MainPID,NRestarts,UnitFileState,LoadState", unit, check=False
-        )
-        props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-        return {
-            "active": props.get("ActiveState") in ("active", "activating", "reloading"),
-            "active_state": props.get("ActiveState", ""),
-            "main_pid": int(props.get("MainPID") or 0) or None,
-            "restarts": int(props.get("NRestarts") or 0),
-            "enabled": props.get("UnitFileState") == "enabled",
-        }
+        return self.show_many([unit])[unit]
+
+    def show_many(self, units):
+        """{unit: its state} for ``units``, from one ``systemctl show`` (blocks in the order asked)."""
+        _rc, out = self.run("show", "-p", SHOW_PROPERTIES, *units, check=False)
+        blocks = [dict(line.split("=", 1) for line in block.splitlines() if "=" in line) for block in out.split("\n\n")]
+        blocks += [{}] * (len(units) - len(blocks))
+        return {unit: _state(props) for unit, props in zip(units, blocks, strict=False)}
 
     def journal(self, unit):
         journalctl = self.module.get_bin_path("journalctl")
@@ -74,10 +86,44 @@ def bundle_socket_inodes(bundle):
     return inodes
 
 
-def listening():
+def listening(proc_net="/proc/net"):
+    """{port: {socket inode, ...}} of the TCP sockets listening in ``proc_net`` (IPv4 and IPv6)."""
     out = {}
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        text = read_text(name)
+    for name in ("tcp", "tcp6"):
+        text = read_text(os.path.join(proc_net, name))
         for port, inodes in su.parse_proc_net_tcp(text or "").items():
             out.setdefault(port, set()).update(inodes)
     return out
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def listening_in(netns_path):
+    """:func:`listening` in the network namespace ``netns_path`` (a bind-mounted namespace file).
+
+    Read by a short-lived thread that joins the namespace: a network namespace belongs to a
+    thread, so the module's other threads stay where they are, and no process is started.
+    """
+    box = {}
+
+    def work():
+        try:
+            fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, os.strerror(errno), netns_path)
+            finally:
+                os.close(fd)
+            box["ports"] = listening("/proc/thread-self/net")
+        except (OSError, AttributeError) as e:  # AttributeError: a libc without setns()
+            box["error"] = e
+
+    thread = threading.Thread(target=work, name="cerana-netns-ports")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise InstanceError("cannot read the ports in %s: %s" % (netns_path, box["error"]))
+    return box["ports"]
