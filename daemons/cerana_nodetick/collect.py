@@ -203,3 +203,23 @@ def read_instances(run_dir: Path) -> tuple[tuple[Running, ...], list[tuple[str, 
     """The recorded instances with their liveness, and the records that did not parse."""
     instances, errors = _instances.read_instances(os.fspath(run_dir))
     return tuple(Running(i, _instances.pid_running(i.pid)) for i in instances), errors
+
+
+def records_signature(run_dir: Path) -> tuple[tuple[str, int], ...]:
+    """What changes when an instance record is written, replaced or removed: the modification
+    times of the records' directory and of each bundle's directory in it (records are renamed
+    into place, which touches the directory). A few stat calls: cheap enough to poll."""
+    root = os.path.join(run_dir, _instances.BUNDLES_DIR)
+    out = []
+    try:
+        out.append(("", os.stat(root).st_mtime_ns))
+        with os.scandir(root) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        out.append((entry.name, entry.stat(follow_symlinks=False).st_mtime_ns))
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return tuple(sorted(out))

@@ -24,6 +24,8 @@ import socket
 import ssl
 import stat
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -208,3 +210,37 @@ def run_check(
         return checker(args, timeout)
     except Exception as e:
         return f"{kind} check failed: {type(e).__name__}: {_short(str(e))}"
+
+
+# Kinds whose failure right after an instance starts usually means "not listening yet".
+RETRIED_KINDS = frozenset(("http", "https", "tcp", "command"))
+
+
+def run_first_check(
+    kind: str,
+    args: Mapping[str, Any],
+    timeout: float,
+    *,
+    within: float,
+    pause: float = 0.1,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    report: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+    **kw: Any,
+) -> str | None:
+    """The first check of a new instance (or of a changed check): :func:`run_check`, tried
+    again every ``pause`` s while it fails and ``within`` s have not passed, so an instance
+    that starts listening a moment after its record appears is reported healthy at once
+    rather than one check interval later. Each failure that is retried goes to ``report``.
+    Only for :data:`RETRIED_KINDS`; the last failure is returned, also as soon as ``stop`` is set."""
+    deadline = clock() + within
+    while True:
+        result = run_check(kind, args, timeout, **kw)
+        if result is None or kind not in RETRIED_KINDS or clock() + pause >= deadline:
+            return result
+        if report is not None:
+            report(result)
+        if stop is not None and stop.is_set():
+            return result
+        sleep(pause)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime
+import functools
 import ipaddress
 import logging
 import socket
@@ -33,15 +34,31 @@ log = logging.getLogger(__name__)
 LEASE_RENEWAL_INTERVAL = 3600.0
 
 
+# How long the first check of a new (or restarted) instance keeps being retried while it fails
+# (each failure is reported meanwhile): the time an instance may take to start listening.
+FIRST_CHECK_WINDOW = 10.0
+
+
 class Checks:
-    """Runs health checks in a thread pool at each check's interval and keeps the latest results."""
+    """Runs health checks in a thread pool at each check's interval and keeps the latest results.
+
+    ``wake`` is set when the first check of an instance has finished: the loop then ticks at
+    once, so a passing first check reaches the heartbeat without waiting for the interval.
+    """
 
     def __init__(self, workers: int) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="health")
-        self.defs: dict[core.CheckId, tuple[m.HealthCheck, core.Placement | None]] = {}
+        self.defs: dict[core.CheckId, tuple[m.HealthCheck, core.Placement | None, str]] = {}
         self.last_started: dict[core.CheckId, float] = {}
         self.futures: dict[core.CheckId, concurrent.futures.Future[str | None]] = {}
         self.results: dict[core.CheckId, str | None] = {}
+        self.wake = threading.Event()
+        self.closing = threading.Event()  # ends the retries of first checks
+
+    def _interim(self, cid: core.CheckId, defn: object, result: str | None) -> None:
+        """A failed try of a first check, reported while it is retried (if the check is still the same)."""
+        if self.defs.get(cid) is defn:
+            self.results[cid] = result
 
     def _harvest(self) -> None:
         for cid, fut in list(self.futures.items()):
@@ -60,39 +77,56 @@ class Checks:
         """Start the due checks of ``wanted``; return the latest results.
 
         ``wanted`` is {check id: (check, instance start time, placement)}. A check whose
-        definition or placement (the bundle network) changed starts afresh.
-        Waits up to ``settle`` seconds for the checks started now, so a first result
-        usually makes it into this tick's heartbeat.
+        definition or placement (the bundle network) changed, or whose instance started again
+        (a restart: the old process's result says nothing of the new one), starts afresh: its
+        first run is retried while it fails (:func:`health.run_first_check`, for up to
+        :data:`FIRST_CHECK_WINDOW` seconds), each failure reported meanwhile, and ``wake`` is
+        set when it ends. Waits up to ``settle`` seconds for the
+        checks started now, so a first result usually makes it into this tick's heartbeat.
         """
         self._harvest()
         for cid in list(self.defs):
-            if cid not in wanted or self.defs[cid] != (wanted[cid][0], wanted[cid][2]):
+            if cid not in wanted or self.defs[cid] != (wanted[cid][0], wanted[cid][2], wanted[cid][1]):
                 self.defs.pop(cid, None)
                 self.last_started.pop(cid, None)
                 self.results.pop(cid, None)
-        self.defs.update({cid: (check, place) for cid, (check, _, place) in wanted.items()})
+                self.futures.pop(cid, None)  # still running for the old one: its result is dropped
+        for cid, (check, since, place) in wanted.items():
+            if cid not in self.defs:
+                self.defs[cid] = (check, place, since)
         started = []
-        defs = {cid: check for cid, (check, _) in self.defs.items()}
+        defs = {cid: check for cid, (check, _, _) in self.defs.items()}
         for cid in core.due_checks(defs, self.last_started, self.futures, now):
             check, since, place = wanted[cid]
+            first = cid not in self.last_started  # a new instance, or its check changed
             self.last_started[cid] = now
+            run, extra = health.run_check, {}
+            if first:
+                report = functools.partial(self._interim, cid, self.defs[cid])
+                run = health.run_first_check
+                extra = {"within": FIRST_CHECK_WINDOW, "report": report, "stop": self.closing}
+                extra["sleep"] = self.closing.wait
             fut = self.pool.submit(
-                health.run_check,
+                run,
                 check.kind,
                 core.placed_args(check, place),
                 check.timeout,
                 started=since,
                 now=wall,
                 netns=place.netns if place else None,
+                **extra,
             )
             self.futures[cid] = fut
             started.append(fut)
+            if first:
+                fut.add_done_callback(lambda _fut: self.wake.set())
         if started and settle > 0:
             concurrent.futures.wait(started, timeout=settle)
             self._harvest()
         return dict(self.results)
 
     def close(self) -> None:
+        self.closing.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -363,6 +397,31 @@ def _in_network(text: str, net: ipaddress.IPv4Network) -> bool:
         return False
 
 
+def records_changed(run_dir: Path, seen: tuple[tuple[str, int], ...], wake: threading.Event) -> bool:
+    return wake.is_set() or collect.records_signature(run_dir) != seen
+
+
+RECORDS_POLL = 0.1  # seconds between looks at the instance records while waiting for the next tick
+
+
+def wait_or_change(
+    stop: threading.Event,
+    seconds: float,
+    changed: Callable[[], bool],
+    clock: Callable[[], float] = time.monotonic,
+    poll: float = RECORDS_POLL,
+) -> bool:
+    """Wait up to ``seconds``, looking every ``poll`` s whether ``changed()``; True when it did
+    (or ``stop`` was set), False when the time ran out."""
+    deadline = clock() + seconds
+    while True:
+        left = deadline - clock()
+        if left <= 0:
+            return False
+        if stop.wait(min(poll, left)) or changed():
+            return True
+
+
 def run(
     settings: Settings,
     node_id: str,
@@ -380,6 +439,8 @@ def run(
     try:
         while not stop.is_set():
             started = clock()
+            records = collect.records_signature(settings.run_dir)
+            tick.checks.wake.clear()
             outcome, detail = "ok", ""
             try:
                 tick.tick()
@@ -398,8 +459,13 @@ def run(
                 log.log(logging.INFO if outcome == "ok" else logging.WARNING, msg)
             if before == "connected" and link.state != "connected":
                 tick.lost_contact()
-            stop.wait(
-                core.next_wait(link, settings.interval, clock() - started, settings.retry_initial, settings.retry_max)
-            )
+            elapsed = clock() - started
+            wait = core.next_wait(link, settings.interval, elapsed, settings.retry_initial, settings.retry_max)
+            if link.state == "connected":
+                # an instance started, restarted or stopped here, or its first check ended: tick now
+                changed = functools.partial(records_changed, settings.run_dir, records, tick.checks.wake)
+                wait_or_change(stop, wait, changed, clock)
+            else:
+                stop.wait(wait)
     finally:
         tick.shutdown(reachable=link.state == "connected")

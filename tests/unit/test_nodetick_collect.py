@@ -109,3 +109,25 @@ def test_pid_running():
 def test_instance_validation_names_the_field():
     with pytest.raises(m.ValidationError, match=r"shop/web\.started"):
         _instances.parse_instance("shop", "web", '{"pid": 1, "started": "yesterday"}')
+
+
+def test_records_signature_changes_when_a_record_is_renamed_into_place(tmp_path):
+    import os
+    import time
+
+    from cerana_nodetick import collect
+
+    assert collect.records_signature(tmp_path) == ()  # no records directory yet
+    bundle = tmp_path / "bundles" / "shop"
+    bundle.mkdir(parents=True)
+    before = collect.records_signature(tmp_path)
+    assert [name for name, _ in before] == ["", "shop"]
+    assert collect.records_signature(tmp_path) == before  # nothing changed, same signature
+    time.sleep(0.01)
+    (bundle / ".tmp-web.json").write_text("{}")
+    os.replace(bundle / ".tmp-web.json", bundle / "web.json")  # as ExecStartPost writes it
+    after = collect.records_signature(tmp_path)
+    assert after != before and dict(after)[""] == dict(before)[""]
+    time.sleep(0.01)
+    (bundle / "web.json").unlink()  # a stop removes the record
+    assert collect.records_signature(tmp_path) != after

@@ -180,3 +180,44 @@ def test_command_in_a_network_namespace_goes_through_nsenter(tmp_path, monkeypat
     seen.unlink()
     assert health.run_check("command", args("command", cmd=["true"]), 2, started="", now=NOW) is None
     assert not seen.exists()
+
+
+def test_the_first_check_of_an_instance_is_retried_until_it_listens():
+    import socket
+    import threading
+    import time
+
+    from cerana_nodetick import health
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def listen_later():
+        time.sleep(0.3)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+
+    listener = threading.Thread(target=listen_later)
+    kw = {"started": "2026-11-30T03:04:05Z", "now": datetime.datetime.now(datetime.UTC)}
+    try:
+        t0 = time.monotonic()
+        listener.start()
+        assert health.run_check("tcp", {"port": port}, 1.0, **kw) is not None  # not yet
+        assert health.run_first_check("tcp", {"port": port}, 1.0, within=3.0, **kw) is None
+        assert 0.25 < time.monotonic() - t0 < 3.0
+    finally:
+        listener.join()
+        server.close()
+    # nothing comes: the last failure, after about ``within``
+    t0 = time.monotonic()
+    result = health.run_first_check("tcp", {"port": port}, 1.0, within=0.4, **kw)
+    assert result is not None and "refused" in result and 0.25 < time.monotonic() - t0 < 2.0
+    # kinds that a moment does not change are not retried
+    calls = []
+    result = health.run_first_check("file", {"path": "/nonexistent-cerana"}, 1.0, within=5.0,
+                                    sleep=lambda s: calls.append(s), **kw)  # fmt: skip
+    assert result and calls == []

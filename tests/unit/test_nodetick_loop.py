@@ -23,13 +23,19 @@ def test_a_check_whose_bundle_network_changes_starts_afresh(tmp_path):
         cid = ("shop", "web", "c")
         check = command_check("true")
         assert checks.update({cid: (check, "2026-11-30T03:04:05Z", None)}, 0.0, NOW, settle=5) == {cid: None}
+        assert checks.wake.wait(5)  # a first check ended: the loop would tick at once
+        checks.wake.clear()
         # same check, now placed in a namespace that does not exist: run again at once, inside it
+        # (a first check again: retried while it fails, each failure reported meanwhile)
         place = core.Placement("10.240.0.7", str(tmp_path / "no-such-netns"))
-        results = checks.update({cid: (check, "2026-11-30T03:04:05Z", place)}, 1.0, NOW, settle=5)
+        results = checks.update({cid: (check, "2026-11-30T03:04:05Z", place)}, 1.0, NOW, settle=0.5)
         assert results[cid] and results[cid].startswith("command 'true':")
         # unchanged: not due again before its interval
         assert checks.update({cid: (check, "2026-11-30T03:04:05Z", place)}, 2.0, NOW, settle=5) == results
-        assert cid not in checks.futures
+        assert cid in checks.futures and not checks.wake.is_set()  # still retrying
+        checks.close()  # ends the retries
+        checks.futures[cid].result(timeout=5)
+        assert checks.wake.is_set()
     finally:
         checks.close()
 
@@ -110,3 +116,36 @@ def test_service_leases_are_renewed_hourly_and_failures_retried_next_tick(tmp_pa
     messages = [r.getMessage() for r in caplog.records]
     assert any("service leases not renewed: Unreachable" in msg for msg in messages)
     assert "service leases renewed: 10.240.0.5" in messages
+
+
+def test_a_restarted_instance_is_checked_afresh(tmp_path):
+    """The result of the old process says nothing of the new one: a new start time resets it."""
+    flag = tmp_path / "up"
+    check = m.HealthCheck.from_dict({"id": "c", "kind": "file", "args": {"path": str(flag)}, "interval": 60})
+    checks = loop.Checks(1)
+    try:
+        cid = ("shop", "web", "c")
+        flag.write_text("")
+        assert checks.update({cid: (check, "2026-11-30T03:04:05Z", None)}, 0.0, NOW, settle=5) == {cid: None}
+        flag.unlink()
+        # same start time: not due again before its interval, the old result stands
+        assert checks.update({cid: (check, "2026-11-30T03:04:05Z", None)}, 1.0, NOW, settle=5) == {cid: None}
+        # restarted: checked at once, and the new process's result replaces the old one
+        results = checks.update({cid: (check, "2026-11-30T03:04:09Z", None)}, 2.0, NOW, settle=5)
+        assert results[cid] == f"{flag}: does not exist"
+    finally:
+        checks.close()
+
+
+def test_wait_or_change_returns_early_on_a_change_or_stop():
+    import threading
+    import time
+
+    stop = threading.Event()
+    seen = []
+    t0 = time.monotonic()
+    assert loop.wait_or_change(stop, 5.0, lambda: seen.append(1) or len(seen) >= 3, poll=0.01) is True
+    assert len(seen) == 3 and time.monotonic() - t0 < 2.0
+    assert loop.wait_or_change(stop, 0.05, lambda: False, poll=0.01) is False
+    stop.set()
+    assert loop.wait_or_change(stop, 5.0, lambda: False, poll=0.01) is True
