@@ -20,7 +20,13 @@ def test_sample_dataset_runs_python_with_nothing_from_the_host(tmp_path, capsys)
     assert cli.main(["lab", "sample-dataset", str(root)]) == 0
     assert capsys.readouterr().out.strip() == str(root)
     assert (root / "app/backend.py").exists() and (root / "app/front.py").exists()
-    assert not list(root.rglob("__pycache__")) and not (root / "usr/lib/python3.11/test").exists()
+    assert not (root / "usr/lib/python3.11/test").exists()
+    # bytecode only for what the apps import (not the host's __pycache__), hash-based and
+    # unchecked (flags 1): used as it is, whatever the modification times of a copy
+    pycs = list(root.rglob("*.pyc"))
+    assert root / "usr/lib/python3.11/http/__pycache__/server.cpython-311.pyc" in pycs
+    assert 20 < len(pycs) < 200 and not list((root / "app").rglob("*.pyc"))
+    assert {int.from_bytes(p.read_bytes()[4:8], "little") for p in pycs} == {1}
     links = [p for p in root.rglob("*") if p.is_symlink()]
     assert links and not [p for p in links if os.readlink(p).startswith("/")]  # importable as a dataset
     if os.geteuid() != 0 or not shutil.which("chroot"):

@@ -3,8 +3,9 @@
 :func:`build_python` copies a Python interpreter, its standard library and the shared
 libraries they load (found with ``ldd``) into a directory that works as a bwrap root:
 ``/usr/bin/python3`` runs there with no file from the node (about 35 MB; test suites, idle
-and ``__pycache__`` are left out). :func:`build_sample` adds the sample bundle's two
-services: ``/app/backend.py`` (answers with the address it was reached on) and
+and ``__pycache__`` are left out, but the modules the apps import are compiled into the
+dataset: about 100 files, 3 MB, which start each service about 0.3 s sooner). :func:`build_sample`
+adds the sample bundle's two services: ``/app/backend.py`` (answers with the address it was reached on) and
 ``/app/front.py`` (forwards ``/`` to ``$BACKEND_URL``; ``/health`` fails while
 ``/data/unhealthy`` exists). Both listen on ``$PORT``. ``cerana lab sample-dataset DIR``
 runs :func:`build_sample`.
@@ -72,7 +73,41 @@ def build_python(root: Path, apps: dict[str, str] | None = None, python: str = "
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         path.chmod(0o755)
+    if apps:
+        compile_imports(python_bin, root, stdlib, dest_stdlib, [root / rel for rel in apps if rel.endswith(".py")])
     return root
+
+
+# Run by the Python the dataset's was copied from (same version: its bytecode): imports what the
+# apps import at their top level, then compiles every stdlib module loaded, into the dataset's
+# copy of the stdlib. Hash-based and unchecked: a read-only dataset keeps its sources as they
+# are, and a copy of it need not keep their modification times.
+_COMPILE = r"""
+import ast, importlib.util, os, py_compile, sys
+root, stdlib, dest, apps = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+for app in apps:
+    with open(app) as f:
+        tree = ast.parse(f.read(), app)
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            exec(compile(ast.Module([node], []), app, "exec"), {})
+for mod in list(sys.modules.values()):
+    source = getattr(mod, "__file__", None) or ""
+    if source.endswith(".py") and source.startswith(stdlib + os.sep):
+        copy = os.path.join(dest, os.path.relpath(source, stdlib))
+        if os.path.isfile(copy):
+            py_compile.compile(copy, cfile=importlib.util.cache_from_source(copy),
+                               dfile="/" + os.path.relpath(copy, root), doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+"""
+
+
+def compile_imports(python: str, root: Path, stdlib: Path, dest: Path, apps: list[Path]) -> None:
+    """Bytecode for the stdlib modules that ``apps`` import (``stdlib`` copied to ``dest``), in
+    the dataset: its Python cannot write any there (a dataset is read-only), and compiling them
+    at every start of a service delays it by a good part of a second."""
+    subprocess.run([python, "-I", "-c", _COMPILE, str(root), str(stdlib), str(dest), *map(str, apps)],
+                   check=True, capture_output=True, text=True)  # fmt: skip
 
 
 BACKEND = '''\
