@@ -1,7 +1,9 @@
 """Pulling a dataset from other nodes' data servers into this node's staging directory.
 
 Files are cut into segments (whole small files; big files in pieces aligned to the
-4 MiB hash chunks) fetched in parallel, round-robin over the sources. Each segment keeps
+4 MiB hash chunks) fetched in parallel, round-robin over the sources; files up to 256 KiB
+come in batches, many in one request (``POST .../files``), falling back to one request
+each when a batch fails or the source is an older data server. Each segment keeps
 its chunk digests and its offset, so an interrupted connection resumes with a Range
 request (from the same source or the next one) at the byte where it stopped. A file's
 content hash is checked against the source's manifest, and the whole tree's digest
@@ -20,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any
 
 from ansible_collections.cerana.platform.plugins.module_utils import _datasets as ds
 from ansible_collections.cerana.platform.plugins.module_utils._dataclient import DataClient, DataServerError
@@ -28,6 +31,11 @@ log = logging.getLogger(__name__)
 
 SEGMENT = 16 * ds.CHUNK  # 64 MiB: files above this are fetched in several pieces
 _BUF = 1 << 20
+# Files up to BATCH_FILE bytes are fetched in batches (one request for up to BATCH_FILES files
+# or BATCH_BYTES bytes): for a tree of many small files the requests, not the bytes, cost.
+BATCH_FILE = 256 * 1024
+BATCH_FILES = 128
+BATCH_BYTES = 4 << 20
 
 
 class Cancelled(ds.DatasetError):
@@ -46,6 +54,57 @@ class Segment:
 
     def __post_init__(self) -> None:
         self.pos = self.start
+
+
+class _Chunks:
+    """SHA-256 digests of consecutive ``ds.CHUNK``-sized pieces of a stream, appended to ``digests``."""
+
+    def __init__(self, digests: list[bytes]) -> None:
+        self.digests = digests
+        self.hash = hashlib.sha256()
+        self.filled = 0
+
+    def update(self, data: memoryview) -> None:
+        off, n = 0, len(data)
+        while off < n:  # hash in chunk-aligned pieces
+            take = min(n - off, ds.CHUNK - self.filled)
+            self.hash.update(data[off : off + take])
+            self.filled += take
+            off += take
+            if self.filled == ds.CHUNK:
+                self.digests.append(self.hash.digest())
+                self.hash = hashlib.sha256()
+                self.filled = 0
+
+    def finish(self) -> None:
+        if self.filled:
+            self.digests.append(self.hash.digest())
+
+
+def _no_endpoint(exc: BaseException) -> bool:
+    """Whether ``exc`` is a data server's 404 for an endpoint it does not have (not for a file)."""
+    body = getattr(exc, "body", None) or {}
+    return (
+        isinstance(exc, DataServerError)
+        and exc.status == 404
+        and str(body.get("error", "")).startswith("no such endpoint")
+    )
+
+
+def batches(segs: Sequence[Segment]) -> list[list[Segment]]:
+    """The whole-file segments of small files (up to ``BATCH_FILE`` bytes), grouped in order into
+    batches of at most ``BATCH_FILES`` files and ``BATCH_BYTES`` bytes."""
+    out: list[list[Segment]] = []
+    size = 0
+    for s in segs:
+        if not (s.start == 0 and s.end == s.entry.size <= BATCH_FILE):
+            continue
+        if not out or len(out[-1]) >= BATCH_FILES or size + s.entry.size > BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(s)
+        size += s.entry.size
+    return out
 
 
 @dataclass
@@ -105,6 +164,7 @@ class Puller:
         self._local = threading.local()
         self._clients: list[DataClient] = []
         self._clients_lock = threading.Lock()
+        self._no_batches: set[int] = set()  # sources that answered a batch with 404
 
     def _client(self, index: int) -> DataClient:
         clients = getattr(self._local, "clients", None)
@@ -144,29 +204,38 @@ class Puller:
             s.source = i % len(self.sources)
         # The first piece of every file, then the second ones, ...: concurrent workers write
         # different files (writers of one file queue on its inode lock), biggest first so
-        # that the tail of the copy is not one big segment alone.
-        order = sorted(segs, key=lambda s: (s.part, -(s.end - s.start)))
+        # that the tail of the copy is not one big segment alone. Small files in batches.
+        small = batches(segs)
+        batched = {id(s) for b in small for s in b}
+        order: list[list[Segment]] = [
+            [s] for s in sorted(segs, key=lambda s: (s.part, -(s.end - s.start))) if id(s) not in batched
+        ]
+        order += small
         left = Counter(s.entry.path for s in segs)
         left_lock = threading.Lock()
         errors: list[BaseException] = []
 
-        def work(seg: Segment) -> None:
+        def work(group: list[Segment]) -> None:
             if errors or self.cancel.is_set():
                 return
             try:
-                self._fetch(seg)
-                with left_lock:
-                    left[seg.entry.path] -= 1
-                    complete = not left[seg.entry.path]
-                if complete and self.fsync:  # once per file, when all its pieces are written
-                    self._sync(seg.entry.path)
+                if len(group) > 1:
+                    self._fetch_batch(group)
+                else:
+                    self._fetch(group[0])
+                for seg in group:
+                    with left_lock:
+                        left[seg.entry.path] -= 1
+                        complete = not left[seg.entry.path]
+                    if complete and self.fsync:  # once per file, when all its pieces are written
+                        self._sync(seg.entry.path)
             except BaseException as exc:
                 errors.append(exc)
                 self.cancel.set()
 
         try:
             with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="pull") as pool:
-                futures = [pool.submit(work, s) for s in order]
+                futures = [pool.submit(work, g) for g in order]
                 while wait(futures, timeout=0.5).not_done:
                     if on_progress:
                         on_progress(self.stats)
@@ -210,11 +279,71 @@ class Puller:
         ds.check_symlinks_inside(self.dest, m.entries)
         return m
 
+    def _fetch_batch(self, group: list[Segment]) -> None:
+        """Fetch the whole small files of ``group`` with one request to their source; what that
+        does not deliver (an error, an older server without batches, a file of another size)
+        is fetched file by file (:meth:`_fetch`, with its retries)."""
+        client = self._client(group[0].source)
+        done = 0
+        if group[0].source in self._no_batches:
+            for seg in group:
+                self._fetch(seg)
+            return
+        try:
+            resp, sizes = client.open_files(self.id, [s.entry.path for s in group])
+            try:
+                for seg, size in zip(group, sizes, strict=True):
+                    if size != seg.entry.size:
+                        raise DataServerError(client.url, 0, "%s has %d bytes, not %d" % (seg.entry.path, size,
+                                                                                          seg.entry.size))  # fmt: skip
+                    self._receive(resp, seg, client)
+                    done += 1
+            finally:
+                if done < len(group):
+                    client.close()
+        except (DataServerError, OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
+                raise  # a local error (EIO, ...), not the source's
+            if _no_endpoint(exc):
+                self._no_batches.add(group[0].source)  # an older data server: not again
+            else:
+                log.warning("dataset %s: a batch of %d files from %s failed (%s); file by file",
+                            self.id, len(group) - done, client.url, exc)  # fmt: skip
+            for seg in group[done:]:
+                seg.pos, seg.digests = seg.start, []
+                self._fetch(seg)
+
+    def _receive(self, resp: Any, seg: Segment, client: DataClient) -> None:
+        """One whole file of a batch answer, into its (preallocated) file."""
+        fd = os.open(os.path.join(self.dest, seg.entry.path), os.O_WRONLY | os.O_NOFOLLOW)
+        chunks = _Chunks(seg.digests)
+        buf = bytearray(min(_BUF, max(1, seg.entry.size)))
+        view = memoryview(buf)
+        try:
+            while seg.pos < seg.end:
+                n = resp.readinto(view[: min(len(buf), seg.end - seg.pos)])
+                if not n:
+                    raise DataServerError(client.url, 0, "the connection ended early")
+                chunks.update(view[:n])
+                self._write(fd, view[:n], seg.pos)
+                seg.pos += n
+                self.stats.add(n)
+            chunks.finish()
+        finally:
+            os.close(fd)
+
+    def _write(self, fd: int, data: memoryview, offset: int) -> None:
+        try:
+            os.pwrite(fd, data, offset)
+        except OSError as e:
+            if e.errno in (28, 122):
+                raise ds.NoSpace("no space left on the device of %s" % self.dest) from None
+            raise
+
     def _fetch(self, seg: Segment) -> None:
         """Fetch one segment, resuming across sources until done or no progress for retry_window."""
         full = os.path.join(self.dest, seg.entry.path)
-        chunk = hashlib.sha256()
-        filled = 0
+        chunks = _Chunks(seg.digests)
         delay = 0.1
         fd = os.open(full, os.O_WRONLY | os.O_NOFOLLOW)
         buf = bytearray(_BUF)
@@ -235,23 +364,8 @@ class Puller:
                             n = resp.readinto(view[:want])
                             if not n:
                                 raise DataServerError(client.url, 0, "the connection ended early")
-                            data = view[:n]
-                            off = 0
-                            while off < n:  # hash in chunk-aligned pieces
-                                take = min(n - off, ds.CHUNK - filled)
-                                chunk.update(data[off : off + take])
-                                filled += take
-                                off += take
-                                if filled == ds.CHUNK:
-                                    seg.digests.append(chunk.digest())
-                                    chunk = hashlib.sha256()
-                                    filled = 0
-                            try:
-                                os.pwrite(fd, data, seg.pos)
-                            except OSError as e:
-                                if e.errno in (28, 122):
-                                    raise ds.NoSpace("no space left on the device of %s" % self.dest) from None
-                                raise
+                            chunks.update(view[:n])
+                            self._write(fd, view[:n], seg.pos)
                             seg.pos += n
                             self.stats.add(n)
                         if resp.length:  # a Range end: read the (empty) rest so the connection can be reused
@@ -280,8 +394,7 @@ class Puller:
                     if seg.source == 0 or len(self.sources) == 1:
                         time.sleep(delay)
                         delay = min(2.0, delay * 2)
-            if filled:
-                seg.digests.append(chunk.digest())
+            chunks.finish()
         finally:
             os.close(fd)
 

@@ -81,8 +81,8 @@ class Checks:
         (a restart: the old process's result says nothing of the new one), starts afresh: its
         first run is retried while it fails (:func:`health.run_first_check`, for up to
         :data:`FIRST_CHECK_WINDOW` seconds), each failure reported meanwhile, and ``wake`` is
-        set when it ends. Waits up to ``settle`` seconds for the
-        checks started now, so a first result usually makes it into this tick's heartbeat.
+        set when it ends. Waits up to ``settle`` seconds for the checks started now, so a
+        first result usually makes it into this tick's heartbeat.
         """
         self._harvest()
         for cid in list(self.defs):

@@ -213,6 +213,24 @@ class DataClient:
     def delete(self, dataset_id, *, force=False):
         return self.json("DELETE", self.path(dataset_id, force=force), what="removing dataset %s" % dataset_id)
 
+    def open_files(self, dataset_id, paths):
+        """(the response, [size, ...]) for whole files of the dataset sent one after the other in
+        one answer (small files: one request instead of one each). Raises DataServerError with
+        status 404 when the server has no such endpoint (an older data server)."""
+        body = json.dumps({"paths": list(paths)}).encode()
+        resp = self.open("POST", self.path(dataset_id, "files"), body=body,
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+        if resp.status >= 400:
+            raise self._error(resp, "reading %d files of dataset %s" % (len(paths), dataset_id))
+        try:
+            sizes = [int(v) for v in (resp.getheader("X-Cerana-Sizes") or "").split(",") if v != ""]
+        except ValueError:
+            sizes = []
+        if len(sizes) != len(paths) or sum(sizes) != (resp.length or 0):
+            self.close()
+            raise DataServerError(self.url, resp.status, "%s sent a batch of files with bad sizes" % self.url)
+        return resp, sizes
+
     def open_tar(self, dataset_id):
         """The streaming response of the dataset's tar export (read it, then close())."""
         resp = self.open("GET", self.path(dataset_id, "tar"))
