@@ -53,7 +53,7 @@ class Checks:
         self.futures: dict[core.CheckId, concurrent.futures.Future[str | None]] = {}
         self.results: dict[core.CheckId, str | None] = {}
         self.wake = threading.Event()
-        self.closing = threading.Event()  # ends the retries of first checks
+        self.stops: dict[core.CheckId, threading.Event] = {}  # ends the retries of a first check
 
     def _interim(self, cid: core.CheckId, defn: object, result: str | None) -> None:
         """A failed try of a first check, reported while it is retried (if the check is still the same)."""
@@ -91,6 +91,7 @@ class Checks:
                 self.last_started.pop(cid, None)
                 self.results.pop(cid, None)
                 self.futures.pop(cid, None)  # still running for the old one: its result is dropped
+                self.stops.pop(cid, threading.Event()).set()  # and its retries end
         for cid, (check, since, place) in wanted.items():
             if cid not in self.defs:
                 self.defs[cid] = (check, place, since)
@@ -103,9 +104,9 @@ class Checks:
             run, extra = health.run_check, {}
             if first:
                 report = functools.partial(self._interim, cid, self.defs[cid])
+                stop = self.stops[cid] = threading.Event()
                 run = health.run_first_check
-                extra = {"within": FIRST_CHECK_WINDOW, "report": report, "stop": self.closing}
-                extra["sleep"] = self.closing.wait
+                extra = {"within": FIRST_CHECK_WINDOW, "report": report, "stop": stop, "sleep": stop.wait}
             fut = self.pool.submit(
                 run,
                 check.kind,
@@ -126,7 +127,8 @@ class Checks:
         return dict(self.results)
 
     def close(self) -> None:
-        self.closing.set()
+        for stop in self.stops.values():
+            stop.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -149,3 +149,23 @@ def test_wait_or_change_returns_early_on_a_change_or_stop():
     assert loop.wait_or_change(stop, 0.05, lambda: False, poll=0.01) is False
     stop.set()
     assert loop.wait_or_change(stop, 5.0, lambda: False, poll=0.01) is True
+
+
+def test_the_retries_of_a_first_check_end_when_its_instance_goes(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    check = m.HealthCheck.from_dict({"id": "c", "kind": "tcp", "args": {"port": port}, "interval": 1, "timeout": 1})
+    checks = loop.Checks(1)
+    try:
+        cid = ("shop", "web", "c")
+        results = checks.update({cid: (check, "2026-11-30T03:04:05Z", None)}, 0.0, NOW, settle=0.3)
+        assert "refused" in results[cid]  # reported while it is retried
+        fut = checks.futures[cid]
+        assert not fut.done()
+        assert checks.update({}, 0.5, NOW, settle=0.3) == {}  # the instance is gone
+        assert "refused" in fut.result(timeout=2)  # its retries ended (not after FIRST_CHECK_WINDOW)
+    finally:
+        checks.close()

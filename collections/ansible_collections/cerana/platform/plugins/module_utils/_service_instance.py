@@ -258,19 +258,9 @@ class _Instance:
         self.enabled_now = self.p["state"] == "started" and not self.status["enabled"]
         return True
 
-    def remove(self, sd):
+    def forget(self):
+        """After its unit is stopped (and gone, for absent): its record removed."""
         p = self.p
-        if self.status["active"] or self.status["enabled"]:
-            sd.run("disable", "--now", self.unit, check=False)
-        remove_file(self.unit_path)
-        sd.run("daemon-reload")
-        sd.run("reset-failed", self.unit, check=False)
-        _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
-        self.result.update(active=False, main_pid=None)
-
-    def stop(self, sd):
-        p = self.p
-        sd.run("disable", "--now", self.unit)
         _instances.remove_instance(p["run_dir"], p["bundle"], p["service"])
         self.result.update(active=False, main_pid=None)
 
@@ -335,6 +325,24 @@ class _Ports:
         return self.places[place], self.own[spec.bundle]
 
 
+def remove(sd, instances):
+    """The instances' units stopped, disabled and removed with one ``systemctl`` call each and
+    one reload (not a ``disable --now`` and a reload per unit), then their records."""
+    if not instances:
+        return
+    stop = [i.unit for i in instances if i.status["active"]]
+    if stop:
+        sd.run("stop", *stop, check=False)
+    enabled = [i.unit for i in instances if i.status["enabled"]]
+    if enabled:
+        sd.run("disable", "--no-reload", *enabled, check=False)
+    for inst in instances:
+        remove_file(inst.unit_path)
+    sd.run("daemon-reload")
+    sd.run("reset-failed", *[i.unit for i in instances], check=False)
+    _each(instances, lambda inst: inst.forget())
+
+
 def run_many(tasks):
     """Container instances (one Task each, any state) to their states; their results, in order.
 
@@ -359,7 +367,7 @@ def run_many(tasks):
     pending = []
     ports = _Ports()
     _each(instances, lambda inst: inst.check(ports) and pending.append(inst))
-    _each([i for i in pending if i.p["state"] == "absent"], lambda inst: inst.remove(sd))
+    remove(sd, [i for i in pending if i.p["state"] == "absent"])
     live = [i for i in pending if i.p["state"] != "absent"]
     if live:
         uid, gid, _created = ensure_user(tasks[0])
@@ -370,7 +378,12 @@ def run_many(tasks):
             sd.run("enable", "--no-reload", *enable)
         if written:
             sd.run("daemon-reload")
-        _each([i for i in live if i.p["state"] == "stopped"], lambda inst: inst.stop(sd))
+        stop = [i for i in live if i.p["state"] == "stopped"]
+        if stop:
+            units = [i.unit for i in stop]
+            sd.run("stop", *units)
+            sd.run("disable", *units)  # with its reload: systemd reports the state it keeps
+            _each(stop, lambda inst: inst.forget())
         started = [i for i in live if i.p["state"] == "started"]
         restart = [i for i in started if i.status["active"] and i.before != i.after]
         start = [i for i in started if not i.status["active"]]
