@@ -164,7 +164,7 @@ class Puller:
         self._local = threading.local()
         self._clients: list[DataClient] = []
         self._clients_lock = threading.Lock()
-        self._no_batches: set[int] = set()  # sources that answered a batch with 404
+        self._no_batches: set[int] = set()  # sources without batches (404 no such endpoint)
 
     def _client(self, index: int) -> DataClient:
         clients = getattr(self._local, "clients", None)
@@ -317,20 +317,22 @@ class Puller:
         """One whole file of a batch answer, into its (preallocated) file."""
         fd = os.open(os.path.join(self.dest, seg.entry.path), os.O_WRONLY | os.O_NOFOLLOW)
         chunks = _Chunks(seg.digests)
-        buf = bytearray(min(_BUF, max(1, seg.entry.size)))
-        view = memoryview(buf)
         try:
-            while seg.pos < seg.end:
-                n = resp.readinto(view[: min(len(buf), seg.end - seg.pos)])
-                if not n:
-                    raise DataServerError(client.url, 0, "the connection ended early")
-                chunks.update(view[:n])
-                self._write(fd, view[:n], seg.pos)
-                seg.pos += n
-                self.stats.add(n)
+            self._pump(resp, fd, seg, chunks, memoryview(bytearray(min(_BUF, max(1, seg.entry.size)))), client.url)
             chunks.finish()
         finally:
             os.close(fd)
+
+    def _pump(self, resp: Any, fd: int, seg: Segment, chunks: _Chunks, view: memoryview, url: str) -> None:
+        """Bytes of ``resp`` into ``fd`` from ``seg.pos`` to the segment's end, hashed on the way."""
+        while seg.pos < seg.end:
+            n = resp.readinto(view[: min(len(view), seg.end - seg.pos)])
+            if not n:
+                raise DataServerError(url, 0, "the connection ended early")
+            chunks.update(view[:n])
+            self._write(fd, view[:n], seg.pos)
+            seg.pos += n
+            self.stats.add(n)
 
     def _write(self, fd: int, data: memoryview, offset: int) -> None:
         try:
@@ -359,15 +361,7 @@ class Puller:
                         self.id, seg.entry.path, seg.pos, seg.end - 1 if (seg.pos or seg.end < seg.entry.size) else None
                     )
                     try:
-                        while seg.pos < seg.end:
-                            want = min(len(buf), seg.end - seg.pos)
-                            n = resp.readinto(view[:want])
-                            if not n:
-                                raise DataServerError(client.url, 0, "the connection ended early")
-                            chunks.update(view[:n])
-                            self._write(fd, view[:n], seg.pos)
-                            seg.pos += n
-                            self.stats.add(n)
+                        self._pump(resp, fd, seg, chunks, view, client.url)
                         if resp.length:  # a Range end: read the (empty) rest so the connection can be reused
                             resp.read()
                     finally:
