@@ -93,7 +93,8 @@ def test_a_tree_of_small_files_is_copied_whole(servers, refuse_batches):
     imported = DataClient(src_url).put_tar("lib", [tar_of(files)])
     got = DataClient(dst_url).replicate("lib", {"sources": [src_url], "digest": imported["digest"]})
     assert got["digest"] == imported["digest"] and not got["existing"]
-    root = Path(DataClient(dst_url).info("lib") and dst_data) / "datasets" / "lib"
+    assert DataClient(dst_url).info("lib") is not None
+    root = Path(dst_data) / "datasets" / "lib"
     assert {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()} == files
     batches = -(-(SMALL + 1) // replicate.BATCH_FILES)  # the empty file is in one too
     if refuse_batches:  # asked (by the workers that started at once), then every file on its own
