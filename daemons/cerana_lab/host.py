@@ -251,9 +251,20 @@ def delete_netns(netns: str) -> None:
 
 
 def delete_link(name: str) -> None:
+    """Delete a link; one that is already gone is fine.
+
+    A veth whose peer lives in a node's namespace vanishes by itself when that namespace goes, so
+    the link can disappear between ip's name lookup ("Cannot find device") and the delete itself
+    ("No such device"): both mean the work is done. Any other failure, or a link still there, is not.
+    """
     proc = run(["ip", "link", "delete", name], check=False)
-    if proc.returncode != 0 and "Cannot find device" not in proc.stderr:
-        raise LabError(f"`ip link delete {name}` failed: {proc.stderr.strip()}")
+    if proc.returncode == 0 or not link_exists(name):
+        return
+    raise LabError(f"`ip link delete {name}` failed: {proc.stderr.strip()}")
+
+
+def link_exists(name: str) -> bool:
+    return run(["ip", "link", "show", "dev", name], check=False).returncode == 0
 
 
 def leftover_links(lab_name: str) -> list[str]:
