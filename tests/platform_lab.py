@@ -108,6 +108,7 @@ class Platform:
     extra_vars: dict[str, Any]
     token: str = ""
     site_done: float = 0.0  # time.monotonic() when the first site.yml run ended
+    live_after: float | None = None  # seconds from site_done to every node live, when measured
     timings: dict[str, float] = field(default_factory=dict)
 
     def ip(self, node: str) -> str:

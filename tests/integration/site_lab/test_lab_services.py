@@ -72,8 +72,8 @@ def main_pid(platform: Platform, node: str, service: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def lab(services_platform) -> Iterator[dict[str, Any]]:
-    plat = services_platform
+def lab(site_platform) -> Iterator[dict[str, Any]]:
+    plat = site_platform
     for node in ("node1", "node2", "node3"):  # this module drives the node-level modules itself
         plat.run_in(node, "systemctl", "stop", "cerana-cluster-tick.service")
     declare(plat, "hello")

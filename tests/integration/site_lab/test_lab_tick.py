@@ -75,8 +75,8 @@ def tick_pids(plat: Platform) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def lab(services_platform) -> Iterator[dict[str, Any]]:
-    plat = services_platform
+def lab(site_platform) -> Iterator[dict[str, Any]]:
+    plat = site_platform
     controller_play(plat, [{"cerana.platform.cluster_config": {"node_ttl": NODE_TTL}}], "config")
     for node in NODES:
         plat.run_in(node, "systemctl", "start", "cerana-cluster-tick.service")
