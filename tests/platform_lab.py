@@ -193,6 +193,16 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
 
 
 @contextlib.contextmanager
+def session_wheelhouse(tmp_path_factory) -> Path:
+    """The wheelhouse directory every lab and molecule scenario of one pytest session shares:
+    the first role run that needs it builds it, the node_tick role's locks make any other wait
+    and take it. Fresh per session (pytest's base temp), so the nodes run the code under test.
+    Outside pytest (the benchmarks' stand-in factory), a fresh one per call."""
+    getbasetemp = getattr(tmp_path_factory, "getbasetemp", None)
+    base = getbasetemp() if getbasetemp is not None else tmp_path_factory.mktemp("wheels")
+    return base / "wheelhouse"
+
+
 def platform_lab(tmp_path_factory, extra_vars: dict[str, Any] | None = None, prefix: str = "tp") -> Iterator[Platform]:
     """Bring up and deploy a 3-node lab; yield it; remove it."""
     rootfs.ensure_rootfs()
@@ -213,7 +223,7 @@ def platform_lab(tmp_path_factory, extra_vars: dict[str, Any] | None = None, pre
                 "consul_session_ttl_min": "1s",
                 "node_tick_interval": f"{INTERVAL}s",
                 # a fresh wheelhouse per session: the nodes run the code under test
-                "node_tick_wheelhouse_dir": str(workdir / "wheelhouse"),
+                "node_tick_wheelhouse_dir": str(session_wheelhouse(tmp_path_factory)),
                 **(extra_vars or {}),
             },
         )

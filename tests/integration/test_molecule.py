@@ -1,7 +1,8 @@
 """``molecule test`` of every role's scenario (default driver; nodes from ``cerana lab``, nspawn).
 
 Each scenario brings its own lab up and down (create/destroy playbooks) with a name and a
-free subnet given here, and runs destroy, syntax, create, converge, idempotence, verify,
+free subnet given here, installs the session's wheelhouse (built once, by the first role run
+that needs it), and runs destroy, syntax, create, converge, idempotence, verify,
 destroy. The scenarios are independent, so they run at the same time (most of a scenario is
 waiting on machines and on Ansible's round trips); each role's test then checks its own
 result. Needs root, systemd-container and debootstrap.
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from cerana_lab import rootfs
+from platform_lab import session_wheelhouse
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -72,6 +74,7 @@ def results(tmp_path_factory) -> Iterator[dict[str, subprocess.CompletedProcess[
     """``molecule test`` of every scenario, all started at once; {role: finished process}."""
     rootfs.ensure_rootfs()
     consul = consul_bin()
+    wheelhouse = session_wheelhouse(tmp_path_factory)
     runs = {}
     try:
         for role, subnet in zip(SCENARIOS, free_subnets(len(SCENARIOS)), strict=True):
@@ -83,6 +86,7 @@ def results(tmp_path_factory) -> Iterator[dict[str, subprocess.CompletedProcess[
                 CERANA_CONSUL_BIN=consul,
                 CERANA_MOLECULE_LAB=lab,
                 CERANA_MOLECULE_SUBNET=subnet,
+                CERANA_MOLECULE_WHEELHOUSE=str(wheelhouse),
                 ANSIBLE_NOCOLOR="1",
                 NO_COLOR="1",
                 ANSIBLE_LOCAL_TEMP=str(tmp / "ansible-tmp"),
