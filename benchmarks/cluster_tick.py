@@ -46,7 +46,8 @@ heartbeats and when this process saw them (blocking queries on the heartbeats).
    CPU time sampled every 10 ms comes in bursts, one per pass, separated by at least
    ``settle`` (0.1 s) of sleep. Also the wake-ups a watch like the daemon's sees (index changes
    under the prefix), and the pure pass in this process (``read_state`` + ``plan`` over the
-   lab's Consul, ``--idle-passes`` times, 0.3 s apart). The window must show no new run event.
+   lab's Consul as the daemon's idle pass does them: its keep-alive transport, no index read;
+   ``--idle-passes`` times, 0.3 s apart). The window must show no new run event.
 
 ``--record`` appends a row to the "Cluster tick" section of docs/benchmarks.md.
 """
@@ -697,14 +698,16 @@ class Bench:
         return out
 
     def pure_passes(self, n: int) -> list[float]:
-        """CPU ms of read_state + plan in this process over the lab's Consul (the first pass warms the memo)."""
+        """CPU ms of read_state + plan in this process over the lab's Consul, as the daemon's idle
+        pass does them (its transport, no index read); the first pass warms the memo."""
         from ansible_collections.cerana.platform.plugins.module_utils import _clusterstate, _planner
+        from cerana_daemon.kvhttp import daemon_store
 
-        objects = self._Objects(self.store(self.tick_leader() or self.via))
+        objects = self._Objects(daemon_store(self.store(self.tick_leader() or self.via).settings))
         out = []
         for i in range(n + 1):
             c = time.process_time()
-            state = _clusterstate.read_state(objects, time.time())
+            state = _clusterstate.read_state(objects, time.time(), with_index=False)
             _planner.plan(state, max_unavailable=1, grace=10.0)
             if i:
                 out.append((time.process_time() - c) * 1000)

@@ -1,14 +1,8 @@
-"""A :class:`_store.Store` whose HTTP transport is one persistent ``http.client`` connection.
-
-The lease path makes several small Consul requests per DHCP exchange. Through py-consul's
-``requests`` session each costs about 1.4 ms of client CPU on top of Consul's own 0.4 ms
-(environment and CA-bundle look-ups on every call, gzip, urllib3's pool), which made the
-client the bottleneck of the bootserver. This transport keeps everything the Store does
-(URLs, tokens, error mapping, typed errors) and only replaces the HTTP layer; it raises
-the same ``requests`` exceptions the Store already maps to :class:`_store.Unreachable`.
-
-One connection per Store, and the lease service uses one Store per worker thread, so a
-connection is never shared between threads.
+"""The bootserver's Consul transports: :class:`KeepAliveStore` (``cerana_daemon.kvhttp``: one
+persistent ``http.client`` connection per thread) for the lease service's worker threads, and
+:class:`AsyncTxn` for the event loop. The lease path makes several small Consul requests per
+DHCP exchange; through py-consul's ``requests`` session each cost about 1.4 ms of client CPU on
+top of Consul's own 0.4 ms, which made the client the bottleneck of the bootserver.
 
 :class:`AsyncTxn` sends transactions from the event loop itself (asyncio streams, one
 keep-alive connection per transaction in flight). Worker threads next to a busy event loop
@@ -25,14 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import json
-import ssl
-import urllib.parse
-
-import requests
-from consul import base as consul_base
-from consul.std import parse_duration
 
 from ansible_collections.cerana.platform.plugins.module_utils._store import (
     TXN_MAX_OPS,
@@ -40,117 +27,13 @@ from ansible_collections.cerana.platform.plugins.module_utils._store import (
     Entry,
     Invalid,
     PermissionDenied,
-    Store,
     StoreError,
     Unreachable,
     parse_address,
 )
+from cerana_daemon.kvhttp import KeepAliveStore, tls_context
 
-_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
-
-
-def _tls_context(verify, cert):
-    ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
-    if verify is False:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if cert:
-        certfile, keyfile = cert if isinstance(cert, tuple) else (cert, None)
-        ctx.load_cert_chain(certfile, keyfile)
-    return ctx
-
-
-class KeepAliveClient(consul_base.HTTPClient):
-    """py-consul's HTTP client interface (get/put/delete/post) over one ``http.client`` connection.
-
-    Not thread-safe: one instance per thread.
-    """
-
-    def __init__(self, host, port, scheme, verify=True, cert=None, timeout=10.0):
-        super().__init__(host, port, scheme, verify, cert)
-        self.timeout = timeout
-        self._conn = None
-
-    def _connect(self):
-        if self.scheme != "https":
-            return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        ctx = _tls_context(self.verify, self.cert)
-        return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=ctx)
-
-    def _timeout(self, params):
-        params = dict(params or ())
-        if "index" not in params:
-            return self.timeout
-        wait = parse_duration(params.get("wait", "5m"))
-        return self.timeout + wait + wait / 16  # a blocking query answers after its wait plus jitter
-
-    def close(self):
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    def _request(self, method, path, params=None, data=None, headers=None, raw=False):
-        url = urllib.parse.quote(path, safe="/:")
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        body = data.encode("utf-8") if isinstance(data, str) else data
-        timeout = self._timeout(params)
-        for _attempt in range(2):
-            reused = self._conn is not None
-            if not reused:
-                self._conn = self._connect()
-            conn = self._conn
-            conn.timeout = timeout
-            if conn.sock is not None:
-                conn.sock.settimeout(timeout)
-            try:
-                conn.request(method, url, body=body, headers=headers or {})
-                resp = conn.getresponse()
-                payload = resp.read()
-            except _STALE as e:
-                self.close()
-                if reused:
-                    continue  # Consul closed the idle connection: once more on a new one
-                raise requests.exceptions.ConnectionError(str(e) or type(e).__name__) from None
-            except TimeoutError:
-                self.close()
-                raise requests.exceptions.Timeout() from None
-            except ssl.SSLError as e:
-                self.close()
-                raise requests.exceptions.SSLError(str(e)) from None
-            except (OSError, http.client.HTTPException) as e:
-                self.close()
-                raise requests.exceptions.ConnectionError(str(e) or type(e).__name__) from None
-            if resp.will_close:
-                self.close()
-            return consul_base.Response(resp.status, resp.headers,
-                                        payload if raw else payload.decode("utf-8", "replace"))  # fmt: skip
-        raise requests.exceptions.ConnectionError("connection closed by Consul twice")  # pragma: no cover
-
-    def get(self, callback, path, params=None, headers=None, raw=False):
-        return callback(self._request("GET", path, params, None, headers, raw))
-
-    def put(self, callback, path, params=None, data="", headers=None):
-        return callback(self._request("PUT", path, params, data, headers))
-
-    def delete(self, callback, path, params=None, data="", headers=None):
-        return callback(self._request("DELETE", path, params, data or None, headers))
-
-    def post(self, callback, path, params=None, data="", headers=None):
-        return callback(self._request("POST", path, params, data, headers))
-
-
-class KeepAliveStore(Store):
-    """A :class:`_store.Store` over :class:`KeepAliveClient` (same settings, same errors)."""
-
-    def __init__(self, settings=None, **kwargs):
-        super().__init__(settings, **kwargs)
-        old = self._consul.http
-        self._consul.http = KeepAliveClient(old.host, old.port, old.scheme, old.verify, old.cert,
-                                            timeout=self.settings.timeout)  # fmt: skip
-
-    def close(self):
-        self._consul.http.close()
+__all__ = ["AsyncTxn", "Conflicts", "KeepAliveStore"]
 
 
 class Conflicts(CasConflict):
@@ -197,10 +80,12 @@ class AsyncTxn:
             if verify and settings.ca_path:
                 verify = settings.ca_path
             cert = (settings.client_cert, settings.client_key) if settings.client_key else settings.client_cert
-            self._tls = _tls_context(verify, cert)
+            self._tls = tls_context(verify, cert)
         self._idle = []  # (reader, writer) ready for the next request
-        self._head = "PUT /v1/txn HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n" % (self.host,
-                                                                                                   self.port)
+        self._head = "PUT /v1/txn HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n" % (
+            self.host,
+            self.port,
+        )
         if settings.token:
             self._head += "X-Consul-Token: %s\r\n" % settings.token
 

@@ -28,6 +28,7 @@ from ansible_collections.cerana.platform.plugins.module_utils import _clustersta
 from ansible_collections.cerana.platform.plugins.module_utils import _models as m
 from ansible_collections.cerana.platform.plugins.module_utils import _store
 from cerana_cluster_tick import core
+from cerana_daemon.kvhttp import daemon_store
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class Leadership:
                 return True
             self._drop_session()
             if self._watch_store is None:  # a blocking read needs a longer timeout than other requests
-                self._watch_store = _store.Store(dataclasses.replace(self.store.settings, timeout=block * 1.1 + 5))
+                self._watch_store = type(self.store)(dataclasses.replace(self.store.settings, timeout=block * 1.1 + 5))
             watch = self._watch_store.watch(
                 self.key, index=entry.modify_index, wait=f"{max(1, round(block))}s", stop=stop
             )
@@ -142,7 +143,7 @@ class Leadership:
     def _start(self) -> None:
         self.lost.clear()
         self.leading = True
-        renew_store = _store.Store(self.store.settings)
+        renew_store = type(self.store)(self.store.settings)
         self._renewer = _store.Renewer(renew_store, self.lock.session, self.ttl, on_lost=self._lost)
         self._renewer.start()
 
@@ -323,7 +324,7 @@ class Watcher(threading.Thread):
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         # A request may block for wait + wait/16 of Consul's jitter: its timeout must be longer.
-        self.store = _store.Store(dataclasses.replace(settings, timeout=wait * 1.1 + 10))
+        self.store = daemon_store(dataclasses.replace(settings, timeout=wait * 1.1 + 10))
         self.index = 0
 
     def run(self) -> None:

@@ -50,6 +50,21 @@ class Unrecorded:
     when: datetime.datetime
 
 
+@dataclasses.dataclass(frozen=True)
+class Look:
+    """What one read of the cluster shows: the state, its plan, what to run now, the problems."""
+
+    state: Any
+    plan: Any
+    selection: core.Selection
+    problems: list[dict[str, str]]
+    problems_key: Any
+
+    def new_problems(self, recorded: Any) -> bool:
+        """Whether the problems differ from those last ``recorded`` in an event (and are worth one)."""
+        return self.problems_key != recorded and bool(self.problems or recorded)
+
+
 def run_id(when: datetime.datetime) -> str:
     """``20261130T030405.123456Z``: sortable, safe as a directory name."""
     return m.format_time(when).replace("-", "").replace(":", "")
@@ -96,27 +111,23 @@ class ClusterTick:
     # -- one pass ---------------------------------------------------------------------------
 
     def step(self) -> float | None:
-        """One pass; returns the clock() time by which another pass is due (None: only on changes)."""
-        s = self.settings
+        """One pass; returns the clock() time by which another pass is due (None: only on changes).
+
+        A first look reads the state without its Consul index (one request less: most passes
+        are woken by heartbeats and find nothing to do). Only when it finds something to run
+        or to record is the state read again, index first, and that second look is the one
+        acted on (fenced against its index)."""
         self._flush()
         now = self.clock()
         self.rechecks = [t for t in self.rechecks if t > now]
-        state = _clusterstate.read_state(self.objects, self.epoch())
-        if self.on_reachable is not None:
-            self.on_reachable()
-        state = self._without_silent_nodes(state, now)
-        plan = _planner.plan(state, max_unavailable=s.max_unavailable, grace=s.grace)
-        changed = plan.changed_nodes()
-        fingerprints = {n: core.fingerprint(plan.nodes[n]) for n in changed}
-        items = {n: core.change_items(plan.nodes[n]) for n in changed}
-        self.retries = core.forget(self.retries, changed)
-        selection = core.select(fingerprints, self.retries, now, items)
-        problems = [p.to_dict() for p in plan.problems]
-        problems_key = core.problems_key(plan.problems)
+        look = self._look(now, with_index=False)
+        if look.selection.run or look.new_problems(self.problems):
+            look = self._look(now, with_index=True)
+        plan, state, selection, problems = look.plan, look.state, look.selection, look.problems
         if not selection.run:
-            if problems_key != self.problems and (problems or self.problems):
+            if look.new_problems(self.problems):
                 self._problems_event(plan.index, problems)
-            self.problems = problems_key
+            self.problems = look.problems_key
             if selection.waiting:
                 log.debug("nothing to run now; %d node(s) waiting (retry or settling)", len(selection.waiting))
             return self._due(selection.waiting)
@@ -128,8 +139,22 @@ class ClusterTick:
             log.info("not applying: %s; planning again", reason)
             return now
         self._converge(plan, state, selection, problems)
-        self.problems = problems_key
+        self.problems = look.problems_key
         return self._due(self.retries_waiting())
+
+    def _look(self, now: float, *, with_index: bool) -> Look:
+        s = self.settings
+        state = _clusterstate.read_state(self.objects, self.epoch(), with_index=with_index)
+        if self.on_reachable is not None:
+            self.on_reachable()
+        state = self._without_silent_nodes(state, now)
+        plan = _planner.plan(state, max_unavailable=s.max_unavailable, grace=s.grace)
+        changed = plan.changed_nodes()
+        fingerprints = {n: core.fingerprint(plan.nodes[n]) for n in changed}
+        items = {n: core.change_items(plan.nodes[n]) for n in changed}
+        self.retries = core.forget(self.retries, changed)
+        selection = core.select(fingerprints, self.retries, now, items)
+        return Look(state, plan, selection, [p.to_dict() for p in plan.problems], core.problems_key(plan.problems))
 
     def stand_down(self, why: str) -> None:
         """Stop leading after losing the lock: what was not recorded is dropped (another tick may lead now)."""

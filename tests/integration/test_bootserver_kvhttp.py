@@ -1,4 +1,5 @@
-"""The bootserver's keep-alive Consul transport against a real agent: same results and errors as the Store."""
+"""The keep-alive Consul transports (the daemons' KeepAliveStore, the bootserver's AsyncTxn)
+against a real agent: same results and errors as the Store."""
 
 from __future__ import annotations
 

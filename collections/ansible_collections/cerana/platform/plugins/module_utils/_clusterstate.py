@@ -227,9 +227,11 @@ def build_state(entries, now, index=0):
     )
 
 
-def read_state(objects, now):
+def read_state(objects, now, with_index=True):
     """Everything the planner needs, read from ``objects.store`` in two requests (see the
-    module docstring); ``index`` is the Consul index taken before the data."""
+    module docstring); ``index`` is the Consul index taken before the data. Without
+    ``with_index``, one request and ``index`` 0: for a look that acts on nothing it reads
+    (the cluster tick's idle passes), never for fencing."""
     store = objects.store
-    index = read_index(store)
+    index = read_index(store) if with_index else 0
     return build_state(read_entries(store), now, index)
