@@ -16,9 +16,9 @@ Each thread that uses a store gets its own connection, so one store may be share
 threads (a blocking query in one never holds up the others).
 
 A request that fails because a reused keep-alive connection was closed by Consul before it
-answered is sent once more on a new connection (as urllib3 does). Only requests that Consul
-may see twice without harm should go through it: reads, and writes that are
-compare-and-swap or idempotent (which is what the platform's writers do).
+answered is sent once more on a new connection (as urllib3 does). Consul may then see a
+request twice, which the daemons' requests allow: reads, writes that are compare-and-swap or
+idempotent, and session creations (a spare session is never used and expires with its TTL).
 """
 
 from __future__ import annotations
