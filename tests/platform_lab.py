@@ -192,7 +192,6 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
         time.sleep(interval)
 
 
-@contextlib.contextmanager
 def session_wheelhouse(tmp_path_factory) -> Path:
     """The wheelhouse directory every lab and molecule scenario of one pytest session shares:
     the first role run that needs it builds it, the node_tick role's locks make any other wait
@@ -203,6 +202,7 @@ def session_wheelhouse(tmp_path_factory) -> Path:
     return base / "wheelhouse"
 
 
+@contextlib.contextmanager
 def platform_lab(tmp_path_factory, extra_vars: dict[str, Any] | None = None, prefix: str = "tp") -> Iterator[Platform]:
     """Bring up and deploy a 3-node lab; yield it; remove it."""
     rootfs.ensure_rootfs()
