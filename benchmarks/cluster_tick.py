@@ -701,9 +701,9 @@ class Bench:
         """CPU ms of read_state + plan in this process over the lab's Consul, as the daemon's idle
         pass does them (its transport, no index read); the first pass warms the memo."""
         from ansible_collections.cerana.platform.plugins.module_utils import _clusterstate, _planner
-        from cerana_daemon.kvhttp import daemon_store
+        from ansible_collections.cerana.platform.plugins.module_utils._store import Store
 
-        objects = self._Objects(daemon_store(self.store(self.tick_leader() or self.via).settings))
+        objects = self._Objects(Store(self.store(self.tick_leader() or self.via).settings))
         out = []
         for i in range(n + 1):
             c = time.process_time()

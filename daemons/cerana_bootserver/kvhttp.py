@@ -1,6 +1,6 @@
-"""The bootserver's Consul transports: :class:`KeepAliveStore` (``cerana_daemon.kvhttp``: one
-persistent ``http.client`` connection per thread) for the lease service's worker threads, and
-:class:`AsyncTxn` for the event loop. The lease path makes several small Consul requests per
+"""The bootserver's Consul transport for the event loop, :class:`AsyncTxn`; the lease service's
+worker threads use the :class:`_store.Store` (one persistent ``http.client`` connection per
+thread). The lease path makes several small Consul requests per
 DHCP exchange; through py-consul's ``requests`` session each cost about 1.4 ms of client CPU on
 top of Consul's own 0.4 ms, which made the client the bottleneck of the bootserver.
 
@@ -30,10 +30,10 @@ from ansible_collections.cerana.platform.plugins.module_utils._store import (
     StoreError,
     Unreachable,
     parse_address,
+    tls_context,
 )
-from cerana_daemon.kvhttp import KeepAliveStore, tls_context
 
-__all__ = ["AsyncTxn", "Conflicts", "KeepAliveStore"]
+__all__ = ["AsyncTxn", "Conflicts"]
 
 
 class Conflicts(CasConflict):

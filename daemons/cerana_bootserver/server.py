@@ -18,11 +18,11 @@ import logging
 import socket
 import time
 
-from ansible_collections.cerana.platform.plugins.module_utils._store import CasConflict, StoreError
+from ansible_collections.cerana.platform.plugins.module_utils._store import CasConflict, Store, StoreError
 from cerana_bootserver import dhcp, peers, pxe
 from cerana_bootserver import handler as h
 from cerana_bootserver.batch import Batcher
-from cerana_bootserver.kvhttp import AsyncTxn, KeepAliveStore
+from cerana_bootserver.kvhttp import AsyncTxn
 from cerana_bootserver.leasing import IN_FLIGHT, Commit, LeaseService
 
 log = logging.getLogger(__name__)
@@ -451,7 +451,7 @@ async def serve(settings, stop, *, service=None, ready=None, sock=None, txn=None
     """
     if service is None:
         service = LeaseService(
-            lambda: KeepAliveStore(settings.consul),
+            lambda: Store(settings.consul),
             server_id=settings.server_address, pool=settings.pool, offer_hold=settings.offer_hold,
             decline_hold=settings.decline_hold, skew=settings.clock_skew, max_probes=settings.max_probes,
             config_refresh=settings.config_refresh,

@@ -12,7 +12,6 @@ from ansible_collections.cerana.platform.plugins.module_utils import _store
 from cerana_cluster_tick import __version__, loop
 from cerana_cluster_tick.config import CONSUL_HELP, ENV_PREFIX, ConfigError, Settings
 from cerana_daemon.config import add_setting_flags
-from cerana_daemon.kvhttp import daemon_store
 from cerana_daemon.logs import configure_logging
 from cerana_daemon.signals import stop_on_signals
 
@@ -46,7 +45,7 @@ def main(argv: Sequence[str] | None = None, *, stop: threading.Event | None = No
     config_path = args.pop("config")
     try:
         settings = Settings.load(args, path=config_path)
-        store = daemon_store(settings.consul)
+        store = _store.Store(settings.consul)
     except ConfigError as e:
         print(f"cerana-cluster-tick: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -28,7 +28,6 @@ from ansible_collections.cerana.platform.plugins.module_utils import _clustersta
 from ansible_collections.cerana.platform.plugins.module_utils import _models as m
 from ansible_collections.cerana.platform.plugins.module_utils import _store
 from cerana_cluster_tick import core
-from cerana_daemon.kvhttp import daemon_store
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +323,7 @@ class Watcher(threading.Thread):
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         # A request may block for wait + wait/16 of Consul's jitter: its timeout must be longer.
-        self.store = daemon_store(dataclasses.replace(settings, timeout=wait * 1.1 + 10))
+        self.store = _store.Store(dataclasses.replace(settings, timeout=wait * 1.1 + 10))
         self.index = 0
 
     def run(self) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 from ansible_collections.cerana.platform.plugins.module_utils import _store
 from cerana_daemon.config import add_setting_flags
-from cerana_daemon.kvhttp import daemon_store
 from cerana_daemon.logs import configure_logging
 from cerana_daemon.signals import stop_on_signals
 from cerana_nodetick import __version__, collect, loop
@@ -49,7 +48,7 @@ def main(argv: Sequence[str] | None = None, *, stop: threading.Event | None = No
             node_id = collect.read_machine_id(settings.machine_id_file)
         except ValueError as e:
             raise ConfigError("machine_id_file", str(settings.machine_id_file), str(e)) from None
-        store = daemon_store(settings.consul)
+        store = _store.Store(settings.consul)
     except ConfigError as e:
         print(f"cerana-node-tick: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -438,7 +438,6 @@ def test_idle_pass_reads_in_one_request_and_a_pass_that_acts_takes_the_index_fir
     reads again, the index first, and its event carries that index."""
     from cerana_cluster_tick import loop
     from cerana_cluster_tick.config import Settings
-    from cerana_daemon.kvhttp import daemon_store
 
     store, _nodes = cluster
     declare(store, m.Bundle.from_dict({"id": "lost", "services": {"nope": {}}}))  # no such service
@@ -447,7 +446,7 @@ def test_idle_pass_reads_in_one_request_and_a_pass_that_acts_takes_the_index_fir
                     f'[consul]\naddress = "{consul.http_addr}"\nprefix = "{kv_prefix}"\n')  # fmt: skip
     settings = Settings.load({}, environ={}, path=conf)
     stop = threading.Event()
-    tick = loop.ClusterTick(settings, daemon_store(settings.consul), stop=stop)
+    tick = loop.ClusterTick(settings, _store.Store(settings.consul), stop=stop)
     calls: list[tuple[str, str, tuple]] = []
     real = tick.store._call
 

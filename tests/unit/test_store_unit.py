@@ -92,8 +92,8 @@ def test_store_token_is_explicit(monkeypatch):
     """py-consul would let CONSUL_HTTP_TOKEN override an explicit token; the Store must not."""
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", "from-env")
     store = s.Store(s.ConnectionSettings(token=None))
-    assert store._consul.token is None
-    assert "X-Consul-Token" not in store._consul.prepare_headers()
+    assert "X-Consul-Token" not in store._headers
+    assert s.Store(s.ConnectionSettings(token="explicit"))._headers == {"X-Consul-Token": "explicit"}
 
 
 @pytest.mark.parametrize(
@@ -223,7 +223,31 @@ def test_requests_env_in_use_only_when_something_would_be_found(tmp_path):
     from ansible_collections.cerana.platform.plugins.module_utils._store import requests_env_in_use
 
     assert not requests_env_in_use({"PATH": "/bin", "CONSUL_HTTP_ADDR": "x"}, home=str(tmp_path))
-    for name in ("HTTPS_PROXY", "http_proxy", "NO_PROXY", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NETRC"):
+    for name in ("HTTPS_PROXY", "http_proxy", "ALL_PROXY", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NETRC"):
         assert requests_env_in_use({name: "x"}, home=str(tmp_path)), name
+        assert not requests_env_in_use({name: ""}, home=str(tmp_path)), name  # set but empty: unused
+    # per scheme: a CA bundle or an https proxy means nothing to an http:// agent
+    for name in ("HTTPS_PROXY", "REQUESTS_CA_BUNDLE", "curl_ca_bundle", "NO_PROXY"):
+        assert not requests_env_in_use({name: "x"}, home=str(tmp_path), scheme="http"), name
+    for name in ("HTTPS_PROXY", "REQUESTS_CA_BUNDLE", "all_proxy", "netrc"):
+        assert requests_env_in_use({name: "x"}, home=str(tmp_path), scheme="https"), name
+    assert not requests_env_in_use({"HTTP_PROXY": "x", "NO_PROXY": "y"}, home=str(tmp_path), scheme="https")
+    assert requests_env_in_use({"HTTP_PROXY": "x"}, home=str(tmp_path), scheme="http")
     (tmp_path / ".netrc").write_text("machine x login y password z\n")
     assert requests_env_in_use({}, home=str(tmp_path))
+    assert requests_env_in_use({}, home=str(tmp_path), scheme="http")
+
+
+def test_a_missing_ca_file_is_named_in_the_error(tmp_path):
+    missing = tmp_path / "no-such-ca.pem"
+    store = s.Store(s.ConnectionSettings(address="https://127.0.0.1:1", ca_path=str(missing)), transport="http")
+    with pytest.raises(s.Unreachable, match=r"TLS error: cannot load .*no-such-ca\.pem"):
+        store.get("a")
+
+
+def test_request_timeout_waits_for_a_blocking_query():
+    assert s.request_timeout(10, [("recurse", "")]) == 10
+    assert s.request_timeout(10, [("index", "5"), ("wait", "16s")]) == 10 + 16 + 1
+    assert s.request_timeout(10, [("index", "5"), ("wait", "1m30s")]) == 10 + 90 + 90 / 16
+    assert s.request_timeout(10, [("index", "5"), ("wait", "500ms")]) == 10 + 0.5 + 0.5 / 16
+    assert s.request_timeout(2, [("index", "5")]) == 2 + 300 + 300 / 16  # Consul's default wait

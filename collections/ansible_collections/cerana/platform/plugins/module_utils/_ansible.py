@@ -8,13 +8,11 @@ and the one declarative flow every object module uses."""
 
 from __future__ import annotations
 
-from ansible.module_utils.basic import env_fallback, missing_required_lib
+from ansible.module_utils.basic import env_fallback
 
 from ansible_collections.cerana.platform.plugins.module_utils import _models as m
 from ansible_collections.cerana.platform.plugins.module_utils._objects import Objects
 from ansible_collections.cerana.platform.plugins.module_utils._store import (
-    CONSUL_IMPORT_ERROR,
-    HAS_CONSUL,
     CasConflict,
     ConnectionSettings,
     Store,
@@ -58,9 +56,10 @@ def settings_from_params(params):
 
 
 def store_from_module(module):
-    if not HAS_CONSUL:
-        module.fail_json(msg=missing_required_lib("py-consul"), exception=str(CONSUL_IMPORT_ERROR))
-    return Store(settings_from_params(module.params))
+    try:
+        return Store(settings_from_params(module.params))
+    except StoreError as e:
+        module.fail_json(msg=str(e))
 
 
 def prune(value):

@@ -10,8 +10,6 @@ from __future__ import annotations
 from ansible.errors import AnsibleError
 
 from ansible_collections.cerana.platform.plugins.module_utils._store import (
-    CONSUL_IMPORT_ERROR,
-    HAS_CONSUL,
     ConnectionSettings,
     Store,
     StoreError,
@@ -20,8 +18,6 @@ from ansible_collections.cerana.platform.plugins.module_utils._store import (
 
 def store_from_plugin(plugin):
     """A Store configured from a plugin's connection options (the same names as the modules')."""
-    if not HAS_CONSUL:
-        raise AnsibleError("the py-consul Python library is required on the controller: %s" % CONSUL_IMPORT_ERROR)
     try:
         return Store(
             ConnectionSettings(
