@@ -254,7 +254,7 @@ class _Instance:
         if self.before == self.after:
             return False
         _write_unit(self.unit_path, self.after)
-        # enabled (only the symlink) by run_many, the one reload after the writes picks it up
+        # enabled by run_many after every write: the reload of that `systemctl enable` loads it
         self.enabled_now = self.p["state"] == "started" and not self.status["enabled"]
         return True
 
@@ -347,9 +347,10 @@ def run_many(tasks):
     """Container instances (one Task each, any state) to their states; their results, in order.
 
     Everything is checked before anything is written (a bad service fails the call before any
-    instance changed). Then the unit files of all of them are written, the new ones enabled and
-    systemd reloaded once; the instances to start are started by one ``systemctl start`` and
-    those to restart by one ``systemctl restart``, then each must stay up ``settle`` seconds
+    instance changed). Then the unit files of all of them are written, and systemd reloaded once
+    (by the ``systemctl enable`` of the new ones, which reloads after it, or a ``daemon-reload``);
+    the instances to start are started by one ``systemctl start`` and those to restart by one
+    ``systemctl restart``, then each must stay up ``settle`` seconds
     (watched together; one that does not is put back as it was). Raises :class:`ServiceFailed`.
     """
     if not tasks:
@@ -375,8 +376,8 @@ def run_many(tasks):
         _each(live, lambda inst: inst.write(sd, uid, gid) and written.append(inst))
         enable = [i.unit for i in written if i.enabled_now]
         if enable:
-            sd.run("enable", "--no-reload", *enable)
-        if written:
+            sd.run("enable", *enable)  # reloads systemd after it: every unit written above is loaded
+        elif written:
             sd.run("daemon-reload")
         stop = [i for i in live if i.p["state"] == "stopped"]
         if stop:
