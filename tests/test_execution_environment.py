@@ -14,7 +14,7 @@ EE = REPO / "ee"
 COLLECTION = REPO / "collections" / "ansible_collections" / "cerana" / "platform"
 BIN = Path(sys.executable).parent
 # import name -> the distribution that provides it
-DISTRIBUTIONS = {"consul": "py-consul", "pyroute2": "pyroute2", "zstandard": "zstandard", "libvirt": "libvirt-python"}
+DISTRIBUTIONS = {"consul": "py-consul", "zstandard": "zstandard", "libvirt": "libvirt-python"}
 
 
 def third_party_imports() -> set[str]:

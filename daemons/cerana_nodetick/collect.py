@@ -2,7 +2,7 @@
 
 The parsers (``parse_meminfo``, ``parse_loadavg``, ``parse_machine_id``) take the text of
 a ``/proc`` file and return values; :func:`read_sample` is the only function here that
-touches the system (``/proc``, ``statvfs``, netlink, the data and run directories).
+touches the system (``/proc``, ``statvfs``, `ip`, the data and run directories).
 """
 
 from __future__ import annotations
@@ -148,18 +148,17 @@ def read_machine_id(path: Path) -> str:
 
 
 def read_addresses(interfaces: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The node's global addresses over netlink (pyroute2); only ``interfaces`` if given."""
-    from pyroute2 import IPRoute  # imported here: the parsers need no netlink
+    """The node's global addresses (``ip -json addr show``); only ``interfaces`` if given."""
+    from ansible_collections.cerana.platform.plugins.module_utils._iproute2 import IpRoute2
 
     found: list[tuple[int, str]] = []
-    with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for msg in ipr.get_addr():
-            if interfaces and names.get(msg["index"]) not in interfaces:
-                continue
-            addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
+    for name, link in IpRoute2().links().items():
+        if interfaces and name not in interfaces:
+            continue
+        for a in link.get("addr_info", ()):
+            addr = a.get("address") or a.get("local")  # the peer's on a point-to-point link, as netlink says
             if addr:
-                found.append((msg["index"], addr))
+                found.append((link.get("ifindex", 0), addr))
     return order_addresses(found)
 
 
@@ -173,7 +172,7 @@ def read_sample(data_dir: Path, interfaces: tuple[str, ...] = ()) -> Sample:
         raise CollectError(f"cannot stat the data directory {data_dir}: {e.strerror or e}") from None
     try:
         addresses = read_addresses(interfaces)
-    except Exception as e:  # netlink can fail in odd containers; the heartbeat matters more
+    except Exception as e:  # ip can fail in odd containers; the heartbeat matters more
         log.debug("cannot list addresses: %s", e)
         addresses = ()
     return Sample(

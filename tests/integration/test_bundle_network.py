@@ -3,8 +3,9 @@
 Real pieces: two ``cerana lab`` nspawn machines (systemd, own network namespaces, on one lab
 bridge), a Consul dev agent that also answers on the lab bridge, and the module run through
 ``ansible-playbook`` with the lab inventory (the nspawn connection). The machines'
-``/usr/bin/python3`` gets py-consul and pyroute2 copied from the test venv (on real nodes the
-module would run with the node tick's venv). The nodes' ``nodes/<id>`` entries are written by
+``/usr/bin/python3`` runs the module with no third-party package at all (on real nodes the
+module would run with the node tick's venv): the store talks HTTP with the standard library,
+and the network goes through iproute2's ``ip`` and ``bridge``. The nodes' ``nodes/<id>`` entries are written by
 the test (as the node tick would), so each node knows the other as its overlay peer.
 """
 
@@ -36,8 +37,6 @@ if os.geteuid() != 0 or not all(
 
 BIN = Path(sys.executable).parent
 NODES = ("node1", "node2")
-# py-consul and what it imports, and pyroute2 (pure Python), copied into the machines' python3 (same 3.11)
-PY_PACKAGES = ("consul", "requests", "urllib3", "idna", "charset_normalizer", "certifi", "pyroute2")
 PORT = 7000
 LISTENER = (  # python3 -c LISTENER <port> <name>: answers "hello <client address> from <name>"
     "import socket, sys\n"
@@ -199,12 +198,7 @@ def lab(tmp_path_factory):
         nodes = {n["name"]: dict(n, address=n["address"].split("/")[0]) for n in state["nodes"]}
         consul = netlab.BridgeConsul(bridge_ip).start()
         the_lab = Lab(name, work, consul, "bnlab-" + uuid.uuid4().hex[:6], nodes)
-        site = Path(__import__("consul").__file__).resolve().parents[1]
-        pkgs = work / "pkgs"
-        for pkg in PY_PACKAGES:
-            shutil.copytree(site / pkg, pkgs / pkg, ignore=shutil.ignore_patterns("__pycache__"))
         for node in NODES:
-            the_lab.put_tree(node, pkgs, "/usr/local/lib/python3.11/dist-packages")
             # the node tick's entry, so that the other node is a peer of the overlay
             entry = m.Node.from_dict({
                 "id": nodes[node]["machine_id"], "hostname": node, "heartbeat": m.format_time(m.utc_now()),

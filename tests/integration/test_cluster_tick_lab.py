@@ -2,7 +2,7 @@
 
 Real pieces: a ``cerana lab`` nspawn machine (systemd as PID 1), a Consul dev agent that
 also answers on the lab bridge, the real node tick running in the machine (its packages
-and py-consul/pyroute2 copied into the machine's ``/usr/bin/python3``, started with
+copied into the machine's ``/usr/bin/python3``, no third-party package, started with
 ``systemd-run``), a busybox-static dataset placed on the node, and the daemon's loop
 (in-process) running the converge playbook through ansible-runner with the lab
 inventory (nspawn connection). In file order:
@@ -50,8 +50,6 @@ BIN = Path(sys.executable).parent
 NODE = "node1"
 UNIT = "cerana-shop_web.service"
 DEB_CACHE = Path("/var/cache/cerana/test-debs")
-# py-consul and what it imports, and pyroute2, copied into the machine's python3 (same 3.11)
-PY_PACKAGES = ("consul", "requests", "urllib3", "idna", "charset_normalizer", "certifi", "pyroute2")
 DIST = "/usr/local/lib/python3.11/dist-packages"
 
 
@@ -186,12 +184,9 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
         the_lab = Lab(name, work, consul, "ctlab-" + uuid.uuid4().hex[:6], node, work / "inventory.json")
         subprocess.run(["ip", "netns", "exec", node["netns"], "sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
 
-        # the node's Python: py-consul, pyroute2, and the node tick with the collection's module_utils
-        site = Path(__import__("consul").__file__).resolve().parents[1]
+        # the node's Python: the node tick with the collection's module_utils (no third-party package)
         pkgs = work / "pkgs"
         skip = shutil.ignore_patterns("__pycache__")
-        for pkg in PY_PACKAGES:
-            shutil.copytree(site / pkg, pkgs / pkg, ignore=skip)
         for pkg in ("cerana_nodetick", "cerana_daemon"):
             shutil.copytree(REPO / "daemons" / pkg, pkgs / pkg, ignore=skip)
         mu = "ansible_collections/cerana/platform/plugins/module_utils"

@@ -426,3 +426,56 @@ def test_renew_leases_for_the_node_tick(tmp_path):
     out = bnio.renew_leases(store, NODE_A, run, "10.240.0.0/24", duration=1000, now=clock.t + 5000)
     assert out["renewed"] == [bridge.ip]
     assert any("bundle shop (%s)" % shop.ip in e and "leased to 02:00:00:00:00:99" in e for e in out["errors"])
+
+
+def test_links_from_ip_json():
+    """``ip -json -details addr show`` objects to Links: kind, master by name, IPv4 addresses only
+    (sorted), vxlan id and port, flags."""
+    from ansible_collections.cerana.platform.plugins.module_utils import _bundle_netio as bnio
+
+    vx = bnio._to_link({
+        "ifindex": 4, "ifname": "cerana-vx", "flags": ["BROADCAST", "MULTICAST", "UP", "LOWER_UP"], "mtu": 1450,
+        "address": "02:AB:00:00:00:01", "master": "cerana0",
+        "linkinfo": {"info_kind": "vxlan", "info_data": {"id": 10240, "port": 4789, "learning": True}},
+        "addr_info": [{"family": "inet6", "local": "fe80::1", "prefixlen": 64}],
+    })  # fmt: skip
+    assert (vx.kind, vx.up, vx.mac, vx.master, vx.vni, vx.port, vx.addresses) == (
+        "vxlan", True, "02:ab:00:00:00:01", "cerana0", 10240, 4789, ())
+    br = bnio._to_link({
+        "ifindex": 3, "ifname": "cerana0", "flags": ["BROADCAST", "MULTICAST"], "mtu": 1450,
+        "address": "02:00:00:00:00:02",
+        "linkinfo": {"info_kind": "bridge", "info_data": {"id": "8000.2:0:0:0:0:2"}},
+        "addr_info": [{"family": "inet", "local": "10.240.9.1", "prefixlen": 16},
+                      {"family": "inet", "local": "10.240.10.1", "prefixlen": 16}],
+    })  # fmt: skip
+    assert (br.kind, br.up, br.master, br.vni, br.addresses) == ("bridge", False, None, None,
+                                                                 ("10.240.9.1/16", "10.240.10.1/16"))  # fmt: skip
+    plain = bnio._to_link({"ifindex": 1, "ifname": "lo", "flags": ["LOOPBACK"], "mtu": 65536})
+    assert (plain.kind, plain.up, plain.mac, plain.addresses) == (None, False, "", ())
+
+
+class _FakeIp:
+    def __init__(self, links, fdb):
+        self._links, self._fdb = links, fdb
+
+    def links(self):
+        return self._links
+
+    def fdb(self, dev):
+        return self._fdb
+
+
+def test_flood_peers_and_own_addresses_from_ip_json():
+    from ansible_collections.cerana.platform.plugins.module_utils import _bundle_netio as bnio
+
+    ipr = _FakeIp(
+        {"eth0": {"ifname": "eth0", "addr_info": [{"family": "inet", "local": "192.0.2.10", "prefixlen": 24},
+                                                   {"family": "inet6", "local": "2001:db8::1", "prefixlen": 64}]},
+         "lo": {"ifname": "lo", "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8}]}},
+        [{"mac": "00:00:00:00:00:00", "dst": "192.0.2.12", "flags": ["self"]},
+         {"mac": "00:00:00:00:00:00", "dst": "192.0.2.9", "flags": ["self"]},
+         {"mac": "02:11:22:33:44:55", "dst": "192.0.2.40", "flags": ["self"]},  # learnt, not a flood entry
+         {"mac": "02:11:22:33:44:55", "master": "cerana0", "flags": []}],
+    )  # fmt: skip
+    assert bnio._fdb_peers(ipr, "cerana-vx") == ("192.0.2.9", "192.0.2.12")
+    assert bnio._own_addresses(ipr) == ("127.0.0.1", "192.0.2.10")

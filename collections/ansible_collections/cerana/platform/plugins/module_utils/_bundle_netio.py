@@ -3,21 +3,22 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 #
 # PRIVATE to the cerana.platform collection: no compatibility promise outside it.
-"""Bundle networks on a node: observe, plan, apply (pyroute2), and the overlay sync.
+"""Bundle networks on a node: observe, plan, apply (iproute2), and the overlay sync.
 
 Three layers, so that the decisions are pure and tested without a kernel:
 
-* **observe** (:func:`observe_node`, :func:`observe_bundle`): netlink reads into plain
+* **observe** (:func:`observe_node`, :func:`observe_bundle`): ``ip -json`` reads into plain
   dataclasses (:class:`Link`, :class:`NodeState`, :class:`BundleState`);
 * **plan** (:func:`plan_node`, :func:`plan_bundle`, :func:`plan_absent`): pure functions from
   what is there and what is wanted to a list of :class:`Step`; conflicts that need a human
   (a ``cerana0`` that is not a bridge) raise :class:`NetError` here, before any change;
-* **apply** (:class:`Applier`): runs the steps with pyroute2, remembering how to undo each
+* **apply** (:class:`Applier`): runs the steps with ``ip``, remembering how to undo each
   one that creates something, so a failed run removes what it created (:class:`Changes`).
 
 :func:`present` and :func:`absent` are what the ``bundle_network`` module runs;
 :func:`sync_overlay` is also meant for the node tick (docs/services.md, "Bundle networks").
-Everything is done over netlink with pyroute2 (no ``ip`` command is needed); the one
+Reads and changes go through iproute2's ``ip`` and ``bridge`` commands (``_iproute2.py``; a
+netlink library cost a quarter of a second of every module call just to import); the one
 sysctl (``net.ipv4.ip_forward``) is written through ``/proc/sys``.
 """
 
@@ -32,28 +33,12 @@ import socket
 
 from ansible_collections.cerana.platform.plugins.module_utils import _bundle_net as bn
 from ansible_collections.cerana.platform.plugins.module_utils import _instances
+from ansible_collections.cerana.platform.plugins.module_utils import _iproute2 as ipr2
 from ansible_collections.cerana.platform.plugins.module_utils import _leases as L
 from ansible_collections.cerana.platform.plugins.module_utils import _models as m
 from ansible_collections.cerana.platform.plugins.module_utils._objects import Objects
 from ansible_collections.cerana.platform.plugins.module_utils._store import CasConflict
 
-try:
-    from pyroute2 import IPRoute
-    from pyroute2 import netns as pr_netns
-    from pyroute2.netlink.exceptions import NetlinkError
-
-    HAS_PYROUTE2 = True
-    PYROUTE2_IMPORT_ERROR = None
-except ImportError as _err:  # pragma: no cover - depends on the node
-    IPRoute = pr_netns = None
-
-    class NetlinkError(Exception):
-        """Stand-in: never raised without pyroute2."""
-
-    HAS_PYROUTE2 = False
-    PYROUTE2_IMPORT_ERROR = _err
-
-IFF_UP = 0x1
 FORWARDING = "/proc/sys/net/ipv4/ip_forward"
 DEFAULT_LEASE_DURATION = 86400
 LOCK_NAME = ".bundle-network.lock"  # in run_dir: not in networks/, so a read-only records directory fails late
@@ -301,65 +286,54 @@ def plan_absent(have, bundle):
 
 @contextlib.contextmanager
 def _doing(what):
-    """Turn netlink and OS errors into a NetError that says what was being done."""
+    """Turn iproute2 and OS errors into a NetError that says what was being done."""
     try:
         yield
     except NetError:
         raise
-    except NetlinkError as e:
+    except ipr2.IpError as e:
         raise NetError("%s failed: %s" % (what, e)) from None
     except OSError as e:
         raise NetError("%s failed: %s" % (what, e.strerror or e)) from None
 
 
-def _links_by_name(ipr):
-    return {link.get("ifname"): link for link in ipr.get_links()}
-
-
-def _to_link(ipr, msg, names):
-    index = msg["index"]
-    info = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-    vni = port = None
-    if info == "vxlan":
-        vni = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_VXLAN_ID")
-        port = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_VXLAN_PORT")
+def _to_link(d):
+    """A :class:`Link` from one object of ``ip -json -details addr show``."""
+    info = d.get("linkinfo") or {}
+    data = info.get("info_data") or {}
+    kind = info.get("info_kind")
     addrs = sorted(
-        {"%s/%d" % (a.get("address"), a["prefixlen"]) for a in ipr.get_addr(index=index, family=socket.AF_INET)},
+        {"%s/%d" % (a["local"], a["prefixlen"]) for a in d.get("addr_info", ()) if a.get("family") == "inet"},
         key=ipaddress.IPv4Interface,
     )
-    master = msg.get("master")
     return Link(
-        name=msg.get("ifname"),
-        index=index,
-        kind=info,
-        up=bool(msg["flags"] & IFF_UP),
-        mtu=msg.get("mtu"),
-        mac=(msg.get("address") or "").lower(),
-        master=names.get(master) if master else None,
+        name=d["ifname"],
+        index=d.get("ifindex", 0),
+        kind=kind,
+        up="UP" in d.get("flags", ()),
+        mtu=d.get("mtu"),
+        mac=(d.get("address") or "").lower(),
+        master=d.get("master"),
         addresses=tuple(addrs),
-        vni=vni,
-        port=port,
+        vni=data.get("id") if kind == "vxlan" else None,
+        port=data.get("port") if kind == "vxlan" else None,
     )
 
 
 def _find(ipr, name):
-    links = _links_by_name(ipr)
-    msg = links.get(name)
-    if msg is None:
-        return None
-    return _to_link(ipr, msg, {v["index"]: k for k, v in links.items()})
+    d = ipr.links().get(name)
+    return None if d is None else _to_link(d)
 
 
-def _fdb_peers(ipr, index):
-    out = set()
-    for entry in ipr.fdb("dump", ifindex=index):
-        if entry["ifindex"] == index and (entry.get("lladdr") or "").lower() == bn.ZERO_MAC and entry.get("dst"):
-            out.add(entry.get("dst"))
+def _fdb_peers(ipr, dev):
+    out = {e["dst"] for e in ipr.fdb(dev) if (e.get("mac") or "").lower() == bn.ZERO_MAC and e.get("dst")}
     return tuple(sorted(out, key=ipaddress.IPv4Address))
 
 
 def _own_addresses(ipr):
-    return tuple(sorted({a.get("address") for a in ipr.get_addr(family=socket.AF_INET)}))
+    return tuple(
+        sorted({a["local"] for d in ipr.links().values() for a in d.get("addr_info", ()) if a.get("family") == "inet"})
+    )
 
 
 def _forwarding():
@@ -378,7 +352,7 @@ def observe_node(ipr, bridge=bn.BRIDGE, vxlan=bn.VXLAN):
             bridge=br,
             vxlan=vx,
             forwarding=_forwarding(),
-            fdb=_fdb_peers(ipr, vx.index) if vx is not None and vx.kind == "vxlan" else (),
+            fdb=_fdb_peers(ipr, vxlan) if vx is not None and vx.kind == "vxlan" else (),
             own_addresses=_own_addresses(ipr),
         )
 
@@ -400,13 +374,13 @@ def observe_bundle(ipr, bundle):
             return BundleState(netns=False, host_veth=veth)
         if not is_netns(path):
             raise NetError("%s exists but is not a network namespace; remove it first" % path)
-        with IPRoute(netns=ns, flags=0) as nsr:
-            eth0 = _find(nsr, bn.CONTAINER_IFNAME)
-            lo = _find(nsr, "lo")
-            gateway = None
-            for route in nsr.get_routes(family=socket.AF_INET, table=254):
-                if route["dst_len"] == 0 and route.get("gateway"):
-                    gateway = route.get("gateway")
+        nsr = ipr2.IpRoute2(netns=ns)
+        eth0 = _find(nsr, bn.CONTAINER_IFNAME)
+        lo = _find(nsr, "lo")
+        gateway = None
+        for route in nsr.default_routes():
+            if route.get("gateway"):
+                gateway = route["gateway"]
         return BundleState(netns=True, host_veth=veth, eth0=eth0, lo_up=bool(lo and lo.up), gateway=gateway)
 
 
@@ -448,7 +422,7 @@ class Changes:
 
 
 class Applier:
-    """Runs :class:`Step` lists with pyroute2 in the node's namespace (``ipr``) and bundle namespaces."""
+    """Runs :class:`Step` lists with iproute2 in the node's namespace (``ipr``) and bundle namespaces."""
 
     def __init__(self, ipr, changes):
         self.ipr = ipr
@@ -456,34 +430,18 @@ class Applier:
         self._ns = {}
 
     def close(self):
-        for nsr in self._ns.values():
-            with contextlib.suppress(Exception):
-                nsr.close()
         self._ns.clear()
 
     def _in(self, where):
         if where is None:
             return self.ipr
         if where not in self._ns:
-            self._ns[where] = IPRoute(netns=where, flags=0)
+            self._ns[where] = ipr2.IpRoute2(netns=where)
         return self._ns[where]
 
-    def _index(self, ipr, name):
-        found = ipr.link_lookup(ifname=name)
-        if not found:
-            raise NetError("%s disappeared" % name)
-        return found[0]
-
-    def _delete_link(self, ipr, name):
-        found = ipr.link_lookup(ifname=name)
-        if found:
-            ipr.link("del", index=found[0])
-
     def _remove_netns(self, name):
-        nsr = self._ns.pop(name, None)
-        if nsr is not None:
-            nsr.close()
-        pr_netns.remove(name)
+        self._ns.pop(name, None)
+        ipr2.delete_netns(name)
 
     def apply(self, steps):
         for step in steps:
@@ -499,45 +457,34 @@ class Applier:
         name = step.name
         if step.op == "create-bridge":
             return (
-                lambda: ipr.link("add", ifname=name, kind="bridge", address=kw["mac"], mtu=kw["mtu"]),
-                lambda: self._delete_link(ipr, name),
+                lambda: ipr.add_link(name, "bridge", mtu=kw["mtu"], mac=kw["mac"]),
+                lambda: ipr.delete_link(name),
             )
         if step.op == "create-vxlan":
-            vxlan = dict(vxlan_id=kw["vni"], vxlan_port=kw["port"], vxlan_learning=1, mtu=kw["mtu"], address=kw["mac"])
             return (
-                lambda: ipr.link("add", ifname=name, kind="vxlan", **vxlan),
-                lambda: self._delete_link(ipr, name),
+                lambda: ipr.add_link(name, "vxlan", mtu=kw["mtu"], mac=kw["mac"], vni=kw["vni"], port=kw["port"]),
+                lambda: ipr.delete_link(name),
             )
         if step.op == "create-netns":
-            return lambda: pr_netns.create(name), lambda: self._remove_netns(name)
+            return lambda: ipr2.create_netns(name), lambda: self._remove_netns(name)
         if step.op == "create-veth":
-            peer = {"ifname": kw["peer"], "net_ns_fd": kw["netns"], "address": kw["mac"], "mtu": kw["mtu"]}
             return (
-                lambda: ipr.link("add", ifname=name, kind="veth", mtu=kw["mtu"], peer=peer),
-                lambda: self._delete_link(ipr, name),
+                lambda: ipr.add_link(
+                    name, "veth", mtu=kw["mtu"], peer=kw["peer"], peer_mac=kw["mac"], peer_netns=kw["netns"]
+                ),
+                lambda: ipr.delete_link(name),
             )
         if step.op == "delete-link":
-            return lambda: self._delete_link(ipr, name), None
+            return lambda: ipr.delete_link(name), None
         if step.op == "delete-netns":
             return lambda: self._remove_netns(name), None
         if step.op == "set-link":
-
-            def set_link():
-                args = dict(kw)
-                if "master" in args:
-                    args["master"] = self._index(ipr, args["master"])
-                ipr.link("set", index=self._index(ipr, name), **args)
-
-            return set_link, None
+            return lambda: ipr.set_link(name, **kw), None
         if step.op in ("add-address", "del-address"):
-            iface = ipaddress.IPv4Interface(kw["address"])
-
-            def addr(command):
-                ipr.addr(command, index=self._index(ipr, name), address=str(iface.ip), prefixlen=iface.network.prefixlen)
-
+            cidr = str(ipaddress.IPv4Interface(kw["address"]))
             if step.op == "add-address":
-                return (lambda: addr("add")), (lambda: addr("del"))
-            return (lambda: addr("del")), None
+                return (lambda: ipr.address("add", name, cidr)), (lambda: ipr.address("del", name, cidr))
+            return (lambda: ipr.address("del", name, cidr)), None
         if step.op == "forwarding":
 
             def forward():
@@ -546,18 +493,11 @@ class Applier:
 
             return forward, None
         if step.op in ("fdb-add", "fdb-del"):
-
-            def fdb(command):
-                ipr.fdb(command, ifindex=self._index(ipr, name), lladdr=bn.ZERO_MAC, dst=kw["dst"])
-
             if step.op == "fdb-add":
-                return (lambda: fdb("append")), (lambda: fdb("del"))
-            return (lambda: fdb("del")), None
+                return (lambda: ipr.flood("append", name, kw["dst"])), (lambda: ipr.flood("del", name, kw["dst"]))
+            return (lambda: ipr.flood("del", name, kw["dst"])), None
         if step.op == "default-route":
-            return (
-                lambda: ipr.route("replace", dst="0.0.0.0/0", gateway=kw["gateway"], oif=self._index(ipr, name)),
-                None,
-            )
+            return lambda: ipr.default_route(kw["gateway"], name), None
         raise AssertionError("unknown step %s" % step.op)
 
 
@@ -574,30 +514,22 @@ def sync_overlay(nodes, node_id, service_network, *, vxlan=bn.VXLAN, check_mode=
     exist (no bundle network on this node yet). Returns
     ``{"device": bool, "peers": [...], "added": [...], "removed": [...]}``. Raises NetError.
     """
-    own = ipr is None
-    if own:
-        if not HAS_PYROUTE2:
-            raise NetError("the pyroute2 Python library is required: %s" % PYROUTE2_IMPORT_ERROR)
-        ipr = IPRoute()
-    try:
-        with _doing("reading %s" % vxlan):
-            vx = _find(ipr, vxlan)
-            if vx is None or vx.kind != "vxlan":
-                return {"device": False, "peers": [], "added": [], "removed": []}
-            current = _fdb_peers(ipr, vx.index)
-            peers = bn.overlay_peers(nodes, node_id, service_network, own_addresses=_own_addresses(ipr))
-        add, remove = bn.overlay_diff(current, peers)
-        if not check_mode:
-            for dst in add:
-                with _doing("adding peer %s to %s" % (dst, vxlan)):
-                    ipr.fdb("append", ifindex=vx.index, lladdr=bn.ZERO_MAC, dst=dst)
-            for dst in remove:
-                with _doing("removing peer %s from %s" % (dst, vxlan)):
-                    ipr.fdb("del", ifindex=vx.index, lladdr=bn.ZERO_MAC, dst=dst)
-        return {"device": True, "peers": peers, "added": add, "removed": remove}
-    finally:
-        if own:
-            ipr.close()
+    with _doing("reading %s" % vxlan):
+        ipr = ipr or ipr2.IpRoute2()
+        vx = _find(ipr, vxlan)
+        if vx is None or vx.kind != "vxlan":
+            return {"device": False, "peers": [], "added": [], "removed": []}
+        current = _fdb_peers(ipr, vxlan)
+        peers = bn.overlay_peers(nodes, node_id, service_network, own_addresses=_own_addresses(ipr))
+    add, remove = bn.overlay_diff(current, peers)
+    if not check_mode:
+        for dst in add:
+            with _doing("adding peer %s to %s" % (dst, vxlan)):
+                ipr.flood("append", vxlan, dst)
+        for dst in remove:
+            with _doing("removing peer %s from %s" % (dst, vxlan)):
+                ipr.flood("del", vxlan, dst)
+    return {"device": True, "peers": peers, "added": add, "removed": remove}
 
 
 def renew_leases(store, node_id, run_dir, service_network, *, duration=None, now=None):
@@ -736,6 +668,15 @@ def _lease(ls, pool, mac, hostname, duration, changes, what):
     return lease, True
 
 
+def _require_iproute2():
+    """Fail before anything is allocated or changed when iproute2 is missing."""
+    for command in ("ip", "bridge"):
+        try:
+            ipr2.find_command(command)
+        except ipr2.IpError as e:
+            raise NetError(str(e)) from None
+
+
 def _running_instances(run_dir, bundle):
     instances, _errors = _instances.read_instances(run_dir)
     return sorted(i.service for i in instances if i.bundle == bundle and _instances.pid_running(i.pid))
@@ -743,8 +684,7 @@ def _running_instances(run_dir, bundle):
 
 def present(store, opts, check_mode=False):
     """Make the bundle's network on this node; returns the module result (without ``diff``)."""
-    if not HAS_PYROUTE2:
-        raise NetError("the pyroute2 Python library is required: %s" % PYROUTE2_IMPORT_ERROR)
+    _require_iproute2()
     objects = Objects(store)
     if opts.bundle is not None and objects.get("bundle", opts.bundle) is None:
         raise NetError("bundle %s is not declared" % opts.bundle)
@@ -759,7 +699,7 @@ def present(store, opts, check_mode=False):
         before = bn.read_network(opts.run_dir, opts.bundle)
     except m.ValidationError:
         before = None  # unreadable: rewritten below
-    with node_lock(opts.run_dir, check_mode), IPRoute() as ipr:
+    with node_lock(opts.run_dir, check_mode), ipr2.IpRoute2() as ipr:
         node_have = observe_node(ipr, opts.bridge, opts.vxlan)
         if not node_have.forwarding and not os.access(FORWARDING, os.W_OK):
             raise NetError(
@@ -853,7 +793,7 @@ def node_present(store, objects, opts, check_mode=False):
     pool = L.Pool(net=net)
     ls = L.LeaseStore(store, pool=bn.POOL, server=opts.node_id)
     changes = Changes(check_mode)
-    with node_lock(opts.run_dir, check_mode), IPRoute() as ipr:
+    with node_lock(opts.run_dir, check_mode), ipr2.IpRoute2() as ipr:
         have = observe_node(ipr, opts.bridge, opts.vxlan)
         if not have.forwarding and not os.access(FORWARDING, os.W_OK):
             raise NetError(
@@ -891,8 +831,7 @@ def node_present(store, objects, opts, check_mode=False):
 
 def absent(store, opts, check_mode=False):
     """Remove the bundle's network from this node: veth pair, namespace, record, lease."""
-    if not HAS_PYROUTE2:
-        raise NetError("the pyroute2 Python library is required: %s" % PYROUTE2_IMPORT_ERROR)
+    _require_iproute2()
     running = _running_instances(opts.run_dir, opts.bundle)
     if running:
         raise NetError(
@@ -914,7 +853,7 @@ def absent(store, opts, check_mode=False):
         if lease is not None or ls.mac_hint(mac)[1]:
             held.append((mac, lease))
     changes = Changes(check_mode)
-    with node_lock(opts.run_dir, check_mode), IPRoute() as ipr:
+    with node_lock(opts.run_dir, check_mode), ipr2.IpRoute2() as ipr:
         with _doing("reading the links of bundle %s" % opts.bundle):
             have = BundleState(
                 netns=os.path.lexists(bn.netns_path(bn.netns_name(opts.bundle))),

@@ -24,7 +24,7 @@ description:
     the changed units are written, systemd is reloaded once, and the instances to start are started together. A
     service that does not stay up is put back as it was (see M(cerana.platform.service_instance)) and the task
     fails naming it; the other services keep their new state, and a second run continues from there.
-  - Needs what both modules need on the node - C(pyroute2), C(py-consul), C(bwrap), systemd, and libvirt-python for
+  - Needs what both modules need on the node - iproute2 (C(ip), C(bridge)), C(bwrap), systemd, and libvirt-python for
     VM services.
 extends_documentation_fragment:
   - cerana.platform._connection
@@ -123,7 +123,7 @@ removed:
   sample: [old-worker]
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.cerana.platform.plugins.module_utils import _bundle_net as bn
 from ansible_collections.cerana.platform.plugins.module_utils import _bundle_netio as bnio
@@ -204,8 +204,6 @@ def converge(module):
 
 def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    if not bnio.HAS_PYROUTE2:
-        module.fail_json(msg=missing_required_lib("pyroute2"), exception=str(bnio.PYROUTE2_IMPORT_ERROR))
     try:
         result = converge(module)
     except (*si.EXPECTED, bnio.NetError) as e:

@@ -25,7 +25,7 @@ description:
   - Records the result in C(<run_dir>/networks/<bundle>.json), which M(cerana.platform.service_instance) and the
     node tick read.
   - If any step fails, the changes of this run (namespace, links, addresses, leases, record) are undone.
-  - Needs the C(pyroute2) and C(py-consul) libraries for the interpreter running the module on the node.
+  - Needs iproute2 (C(ip), C(bridge)) on the node; py-consul only where a proxy or CA bundle in the environment calls for it.
 extends_documentation_fragment:
   - cerana.platform._connection
   - cerana.platform._connection.actiongroup
@@ -173,7 +173,7 @@ record:
            "gateway": "10.240.0.9", "mac": "02:5e:01:9a:33:c0", "host_veth": "cbn1a2b3c4d5e6f"}
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.cerana.platform.plugins.module_utils import _bundle_net as bn
 from ansible_collections.cerana.platform.plugins.module_utils import _bundle_netio as bnio
@@ -199,8 +199,6 @@ ARGUMENT_SPEC = dict(
 
 def main():
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
-    if not bnio.HAS_PYROUTE2:
-        module.fail_json(msg=missing_required_lib("pyroute2"), exception=str(bnio.PYROUTE2_IMPORT_ERROR))
     try:
         opts = bnio.options_from_params(module.params)
         result = bnio.run(store_from_module(module), opts, module.params["state"], module.check_mode, module._diff)
