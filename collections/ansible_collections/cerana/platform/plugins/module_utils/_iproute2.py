@@ -102,9 +102,14 @@ class IpRoute2:
         self._run(argv)
 
     def delete_link(self, name):
-        """``ip link delete``; nothing when there is no such link."""
-        if name in self.links():
+        """``ip link delete``; done when the link is gone, whoever removed it (a veth also goes
+        when the namespace of its peer is deleted)."""
+        try:
             self._run(["link", "delete", "dev", name])
+        except IpError:
+            self._links = None
+            if name in self.links():
+                raise
 
     def set_link(self, name, *, mtu=None, address=None, master=None, state=None):
         argv = ["link", "set", "dev", name]
