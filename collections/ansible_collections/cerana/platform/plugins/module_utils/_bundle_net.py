@@ -46,7 +46,6 @@ VNI = 10240
 VXLAN_PORT = 4789
 MTU = 1450  # 1500 on the underlay minus the 50 bytes of VXLAN over IPv4
 POOL = "service"
-ZERO_MAC = "00:00:00:00:00:00"
 IFNAMSIZ = 15  # usable characters of a Linux interface name
 
 

@@ -326,7 +326,7 @@ def _find(ipr, name):
 
 
 def _fdb_peers(ipr, dev):
-    out = {e["dst"] for e in ipr.fdb(dev) if (e.get("mac") or "").lower() == bn.ZERO_MAC and e.get("dst")}
+    out = {e["dst"] for e in ipr.fdb(dev) if (e.get("mac") or "").lower() == ipr2.ZERO_MAC and e.get("dst")}
     return tuple(sorted(out, key=ipaddress.IPv4Address))
 
 

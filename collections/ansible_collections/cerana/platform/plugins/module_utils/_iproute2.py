@@ -21,7 +21,7 @@ import subprocess
 
 # Where iproute2 lives when the PATH a module gets over ssh leaves out the sbin directories.
 _SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
-ZERO_MAC = "00:00:00:00:00:00"
+ZERO_MAC = "00:00:00:00:00:00"  # the MAC of a flood entry (all-zeros FDB entry) of a vxlan device
 
 
 class IpError(Exception):
