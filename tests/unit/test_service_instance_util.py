@@ -70,3 +70,32 @@ def test_show_many_reads_one_block_per_unit_in_order() -> None:
     assert states["b.service"]["active_state"] == "failed" and not states["b.service"]["active"]
     assert states["c.service"] == {"active": False, "active_state": "inactive", "main_pid": None, "restarts": 0,
                                    "enabled": False}  # fmt: skip
+
+
+def test_a_bundles_instances_are_removed_with_one_stop_for_all(tmp_path: Path) -> None:
+    """dispatch_many, all absent: one ``systemctl stop`` for every running unit (systemd stops
+    them in parallel, so stop timeouts do not add up), one ``disable``, one reload."""
+    units, run, data = tmp_path / "units", tmp_path / "run", tmp_path / "data"
+    units.mkdir()
+    for service in ("backend", "front"):
+        (units / f"cerana-shop_{service}.service").write_text("[Service]\n")
+    calls = []
+    active = "MainPID=7\nNRestarts=0\nActiveState=active\nSubState=running\nUnitFileState=enabled\nLoadState=loaded\n"
+
+    def run_command(argv):
+        calls.append(argv[1:])
+        return 0, ("\n\n".join([active, active]) if argv[1] == "show" else ""), ""
+
+    module = SimpleNamespace(
+        params={"bundle": "shop", "service": None, "state": "started", "unit_dir": str(units), "run_dir": str(run),
+                "data_dir": str(data)},
+        check_mode=False, _diff=False, run_command=run_command, get_bin_path=lambda name, required=False: name,
+    )  # fmt: skip
+    tasks = [si.Task(module, service=s, state="absent") for s in ("backend", "front")]
+    results = si.dispatch_many(tasks)
+    assert [(r["unit"], r["changed"], r["kind"]) for r in results] == [
+        ("cerana-shop_backend.service", True, None), ("cerana-shop_front.service", True, None)]  # fmt: skip
+    assert list(units.iterdir()) == []
+    both = ["cerana-shop_backend.service", "cerana-shop_front.service"]
+    assert [c for c in calls if c[0] != "show"] == [
+        ["stop", *both], ["disable", "--no-reload", *both], ["daemon-reload"], ["reset-failed", *both]]  # fmt: skip

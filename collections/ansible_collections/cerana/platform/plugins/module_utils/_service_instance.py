@@ -500,8 +500,9 @@ def dispatch(module):
 
 def dispatch_many(tasks):
     """:func:`dispatch` for several services (Tasks): VMs one by one, container instances
-    together through :func:`run_many` (one reload, starts issued together). Results in the
-    order of ``tasks``; raises :class:`ServiceFailed`."""
+    together through :func:`run_many` (one reload, starts and stops issued together: a bundle's
+    services stop in parallel, each within its own stop timeout). Results in the order of
+    ``tasks``; raises :class:`ServiceFailed`."""
     results, containers = {}, []
     for i, task in enumerate(tasks):
         p = task.params
@@ -509,7 +510,10 @@ def dispatch_many(tasks):
             place = vmu.VmPlace(m._label(p["bundle"], "bundle"), m._label(p["service"], "service"),
                                 p["data_dir"], p["run_dir"])  # fmt: skip
             if p["state"] == "absent":
-                results[i] = dispatch(task)
+                if os.path.isdir(place.vm_dir):
+                    results[i] = dispatch(task)
+                else:  # no VM: only a container instance to remove (kind None, as dispatch says)
+                    containers.append((i, task, None))
                 continue
             _overlay, kind = service_overlay(task)
             if kind == "vm":
@@ -519,8 +523,8 @@ def dispatch_many(tasks):
         except (InstanceError, su.SpecError, m.ValidationError) as e:
             raise ServiceFailed(p["service"], e) from None
         containers.append((i, task, old))
-    for (i, _task, old), result in zip(containers, run_many([entry[1] for entry in containers]), strict=True):
-        result["kind"] = "container"
+    for (i, task, old), result in zip(containers, run_many([entry[1] for entry in containers]), strict=True):
+        result["kind"] = None if task.params["state"] == "absent" else "container"
         result["changed"] = result["changed"] or bool(old and old["changed"])
         results[i] = result
     return [results[i] for i in range(len(tasks))]
