@@ -303,6 +303,33 @@ def load1() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+def cpu_times() -> tuple[int, int]:
+    """(steal, total) clock ticks of all CPUs since boot (``/proc/stat``; guest time is already
+    counted in user time, so the first eight fields are the total)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """CPU time the hypervisor gave to others between two :func:`cpu_times`, in % of all."""
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total > 0 else 0.0
+
+
+def reference_seconds(times: int = 5) -> float:
+    """Median wall time of a new interpreter importing ``ansible-playbook``'s code (bytecode
+    cached by a first run): the fixed cost each converge run starts with, measured on an idle
+    machine before the lab, so that rows from other machines and moments can be compared."""
+    cmd = [sys.executable, "-c", "import ansible.cli.playbook"]
+    subprocess.run(cmd, check=True)  # caches the bytecode
+    walls = []
+    for _ in range(times):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        walls.append(time.perf_counter() - t0)
+    return statistics.median(walls)
+
+
 class _Factory:
     """What platform_lab() needs of pytest's tmp_path_factory."""
 
@@ -753,7 +780,8 @@ INTRO = (
     "consecutive segments that add up to d2h: detect (declared -> the converge run starts: watch, settle, "
     "read, plan, fencing), startup (run start -> its first changed task starts: ansible-runner, "
     "ansible-playbook, inventory, ssh), then each changed task (first start to last end over the hosts; "
-    "service_instance runs both services of a node one after the other and waits 1 s `settle` for each), "
+    "bundle_instance: a node's network and both services in one call, `settle` 0: health comes from the "
+    "heartbeats), "
     "between tasks, healthy (last task end -> the later replica's first healthy heartbeat; negative when that "
     "came first), seen; off the path: tail (last task -> run end), record (run end -> event). **removed**: "
     "undeclared -> no heartbeat and nothing pending (median). **loss**: the node tick of a node with a replica "
@@ -763,13 +791,15 @@ INTRO = (
     "(whole process over the window / passes, counted as main-thread CPU bursts; the pure `read_state` + "
     "`plan` in the benchmark's process, median), passes/s, Ansible runs in the window; goal < 5 ms, 0 runs. "
     "**change**: one bundle's env changed (rolling update): run events (nodes of each) and nodes outside "
-    "that bundle touched; goal: only its nodes."
+    "that bundle touched; goal: only its nodes. **host**: how fast the machine was: the median wall time of a "
+    "new interpreter importing `ansible-playbook`'s code (measured before the lab, bytecode cached), and the CPU "
+    "time the hypervisor gave to other guests during the run (steal), in %."
 )
 HEADER = (
     "| date | nproc | memory | CPU | load start-max-end | d2h s median / p95 (n) | no copy / copy: median (n) "
     "| first s | breakdown (medians, s) | removed s | loss s (expiry; excess) "
-    "| idle ms/pass: process / pure; passes/s; runs | change: runs (nodes); outside |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| idle ms/pass: process / pure; passes/s; runs | change: runs (nodes); outside | host: reference s; steal % |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -869,6 +899,7 @@ def split_text(runs: Sequence[Mapping[str, Any]]) -> str:
 
 def report(args: argparse.Namespace, result: dict[str, Any], loads: list[float], load0: float, started: float) -> str:
     info = machine()
+    host = result["host"]
     runs = result["d2h"]
     d2h = summary([r["parts"]["total"] for r in runs])
     removed = statistics.median(r["removed"] for r in runs)
@@ -895,6 +926,8 @@ def report(args: argparse.Namespace, result: dict[str, Any], loads: list[float],
     if "crash" in result:
         crash = result["crash"]["parts"]
         print(f"machine crash to healthy: {crash['total']:.2f} s: {fmt_parts([crash])}")
+    print(f"host: a new interpreter importing ansible-playbook's code took {host['reference_s']:.3f} s (median, "
+          f"before the lab); CPU steal during the run {host['steal_pct']:.1f} %")  # fmt: skip
     load_text = f"{load0:.1f}-{max(loads):.1f}-{info['load']}"
     excess = result["loss"].get("excess_removed", float("nan"))
     row = (
@@ -904,7 +937,7 @@ def report(args: argparse.Namespace, result: dict[str, Any], loads: list[float],
         f"{loss['total']:.2f} ({loss.get('expiry', float('nan')):.2f}; {excess:.1f}) | "
         f"{idle['process_ms_per_pass']:.2f} / {pure:.2f}; {idle['passes'] / idle['window']:.1f}; "
         f"{idle['runs_in_window']} | {change['runs']} ({'; '.join(','.join(h) for h in change['hosts'])}); "
-        f"{len(change['outside'])} |"
+        f"{len(change['outside'])} | {host['reference_s']:.2f}; {host['steal_pct']:.1f} |"
     )
     print(row)
     print(json.dumps({"machine": info, "loads": loads, "result": result, "total_s": time.monotonic() - started},
@@ -924,9 +957,11 @@ def main(argv: list[str] | None = None) -> int:
         print("needs iproute2, systemd-container, debootstrap and nsenter", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _sigterm)
+    reference = reference_seconds()
     load0 = load1()
     loads = [load0]
     started = time.monotonic()
+    cpu0 = cpu_times()
     result: dict[str, Any] = {"d2h": [], "first": None}
     base = Path(tempfile.mkdtemp(prefix="cerana-bench-tick-", dir=args.workdir))
     try:
@@ -947,6 +982,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
     finally:
         shutil.rmtree(base, ignore_errors=True)
+    result["host"] = {"reference_s": reference, "steal_pct": steal_percent(cpu0, cpu_times())}
     row = report(args, result, loads, load0, started)
     if args.record:
         record_row(row)
