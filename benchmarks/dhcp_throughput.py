@@ -243,8 +243,13 @@ def main():
     parser.add_argument("--duration", type=int, default=10, help="seconds of each perfdhcp run")
     parser.add_argument("--latency-rate", type=int, default=20, help="exchanges/s of the latency run")
     parser.add_argument("--only", action="append", help="run only these setups (cerana1, cerana3, dnsmasq, kea)")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="a cerana-bootserver setting, e.g. workers=8 (default: the defaults)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a cerana-bootserver setting, e.g. workers=8 (default: the defaults)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds of all setups, interleaved (medians reported)")
     parser.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md (DHCP)")
     args = parser.parse_args()

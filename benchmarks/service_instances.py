@@ -259,7 +259,7 @@ def loadgen(targets: list[list[Any]], path: str, duration: float, workers: int, 
     lock = threading.Lock()
 
     def one(host: str, port: int, request: bytes) -> str:
-        """"200", another status, or the error's class name."""
+        """ "200", another status, or the error's class name."""
         try:
             with socket.create_connection((host, port), timeout=5) as s:
                 s.sendall(request)
@@ -552,7 +552,8 @@ class Bench:
     def start_latency(self, service: str) -> dict[str, float]:
         t_call = time.time()
         th, box = self.watch_in_thread(
-            lambda hb: hb is not None and service_healthy(hb, service) and heartbeat_time(hb) >= t_call, 120)
+            lambda hb: hb is not None and service_healthy(hb, service) and heartbeat_time(hb) >= t_call, 120
+        )
         out = self.module(service, "started", self.probes(service))
         th.join(130)
         if "error" in box or "seen" not in box:
@@ -570,7 +571,8 @@ class Bench:
         self.watch(lambda hb: hb is not None and heartbeat_time(hb) >= t and "front" not in hb.get("services", {}), 60)
         t_call = time.time()
         th, box = self.watch_in_thread(
-            lambda hb: hb is not None and service_healthy(hb, "front") and heartbeat_time(hb) >= t_call, 180)
+            lambda hb: hb is not None and service_healthy(hb, "front") and heartbeat_time(hb) >= t_call, 180
+        )
         task = {"cerana.platform.service_instance": {"bundle": BUNDLE, "service": "front", "state": "started"}}
         if self.args.settle is not None:
             task["cerana.platform.service_instance"]["settle"] = self.args.settle
@@ -701,7 +703,8 @@ def run_name(kinds: tuple[str, ...]) -> str:
 def describe_run(round_no: int, service: str, kinds: tuple[str, ...], res: dict[str, Any]) -> str:
     figures = "; ".join(
         f"{kind} {r['rps']:.1f} req/s, errors {r['error_kinds'] or 0}, latency "
-        f"{r['lat_median'] or 0:.3f}/{r['lat_p95'] or 0:.3f} s" for kind, r in res["kinds"].items()
+        f"{r['lat_median'] or 0:.3f}/{r['lat_p95'] or 0:.3f} s"
+        for kind, r in res["kinds"].items()
     )
     units = ", ".join(f"{s} {cpu_figure([{'x': res}], s, 'x')}" for s in SERVICES)
     return (f"round {round_no} {service:7s} {run_name(kinds):45s} {figures}; {res['threads']} threads/target; "

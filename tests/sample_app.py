@@ -75,7 +75,9 @@ def fronts(platform: Platform, via: str, target: str, n: int) -> Counter:
 
 def fronts_are(platform: Platform, via: str, target: str, wanted: set[str], n: int = 20):
     """A wait_for predicate: the Counter of ``n`` answers if they came from exactly ``wanted``."""
+
     def check() -> Counter | None:
         seen = fronts(platform, via, target, n)
         return seen if set(seen) == wanted else None
+
     return check

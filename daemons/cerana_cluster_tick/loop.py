@@ -209,9 +209,7 @@ class ClusterTick:
         targets = list(selection.run)
         hosts, missing = self._hosts(targets, state)
         outcomes: dict[str, str | None] = {n: f"not in the inventory {s.inventory}" for n in missing}
-        results: dict[str, core.HostResult] = {
-            n: core.HostResult("not run", 0, outcomes[n]) for n in missing
-        }
+        results: dict[str, core.HostResult] = {n: core.HostResult("not run", 0, outcomes[n]) for n in missing}
         run_nodes = [n for n in targets if n in hosts]
         status = "failed"
         duration = 0.0

@@ -120,8 +120,10 @@ class Executor:
             status, rc, error = "error", None, f"ansible-runner: {type(e).__name__}: {e}"
         duration = time.monotonic() - started
         results = core.host_results(events, req.hosts)
-        if error is None and status not in ("successful", "canceled") and all(
-            x.status == "not run" for x in results.values()
+        if (
+            error is None
+            and status not in ("successful", "canceled")
+            and all(x.status == "not run" for x in results.values())
         ):
             error = self._stdout_tail(pdd, req.run_id) or f"ansible-playbook ended with status {status} (rc {rc})"
         if error:

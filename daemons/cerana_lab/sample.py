@@ -110,7 +110,7 @@ def compile_imports(python: str, root: Path, stdlib: Path, dest: Path, apps: lis
                    check=True, capture_output=True, text=True)  # fmt: skip
 
 
-BACKEND = '''\
+BACKEND = """\
 import http.server, json, os, socket
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -126,10 +126,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 http.server.ThreadingHTTPServer.request_queue_size = 128  # socketserver's default backlog is 5
 http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
-'''
+"""
 
 
-FRONT = '''\
+FRONT = """\
 import http.server, json, os, urllib.request
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -153,7 +153,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 http.server.ThreadingHTTPServer.request_queue_size = 128  # socketserver's default backlog is 5
 http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), Handler).serve_forever()
-'''
+"""
 
 
 def build_sample(root: Path, python: str = "/usr/bin/python3") -> Path:

@@ -121,9 +121,7 @@ class Settings:
     check_workers: int = dataclasses.field(
         default=4, metadata=_meta(parse_positive_int, "health checks run at the same time, at most")
     )
-    log_level: str = dataclasses.field(
-        default="INFO", metadata=_meta(parse_log_level, "DEBUG, INFO, WARNING or ERROR")
-    )
+    log_level: str = dataclasses.field(default="INFO", metadata=_meta(parse_log_level, "DEBUG, INFO, WARNING or ERROR"))
     log_format: str = dataclasses.field(
         default="text", metadata=_meta(parse_log_format, "text or json (one object a line) on stderr")
     )

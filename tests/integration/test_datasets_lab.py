@@ -603,6 +603,7 @@ def test_resume_after_a_killed_source_and_a_source_that_dies(lab, tmp_path):
         # The only source dies mid-copy: the copy fails and leaves nothing.
         n1.start_server("--max-rate", "1MiB")
         result.clear()
+
         def lonely():
             try:
                 n3.client().replicate("res", {"sources": [n1.url], "digest": digest, "read_only": True})

@@ -353,9 +353,7 @@ def test_removing_everything_removes_the_tables(lab):
     assert lab.tables().count("cerana") == 2  # ip and bridge
     lab.apply(pm.render([], [hb("cpm-i1")], "cerana0").text)
     assert "cerana" not in lab.tables()
-    assert lab.requests("cpm-i4", INSTANCES["cpm-i1"][1], 5432, count=1) == [
-        f"cpm-i1 5432 {INSTANCES['cpm-i4'][1]}"
-    ]
+    assert lab.requests("cpm-i4", INSTANCES["cpm-i1"][1], 5432, count=1) == [f"cpm-i1 5432 {INSTANCES['cpm-i4'][1]}"]
     lab.apply("")  # nothing to remove: still fine
     assert "cerana" not in lab.tables()
 

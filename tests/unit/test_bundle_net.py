@@ -440,7 +440,14 @@ def test_links_from_ip_json():
         "addr_info": [{"family": "inet6", "local": "fe80::1", "prefixlen": 64}],
     })  # fmt: skip
     assert (vx.kind, vx.up, vx.mac, vx.master, vx.vni, vx.port, vx.addresses) == (
-        "vxlan", True, "02:ab:00:00:00:01", "cerana0", 10240, 4789, ())
+        "vxlan",
+        True,
+        "02:ab:00:00:00:01",
+        "cerana0",
+        10240,
+        4789,
+        (),
+    )
     br = bnio._to_link({
         "ifindex": 3, "ifname": "cerana0", "flags": ["BROADCAST", "MULTICAST"], "mtu": 1450,
         "address": "02:00:00:00:00:02",

@@ -231,8 +231,7 @@ def test_apply_reports_a_missing_nft_and_its_errors(tmp_path):
         pm.apply_ruleset("table ip cerana {\n}\n", nft=str(tmp_path / "no-nft"))
     fake = tmp_path / "nft"
     fake.write_text(
-        "#!/bin/sh\ncat >/dev/null\n"
-        "echo 'Error: Could not process rule: Operation not permitted' >&2\nexit 1\n"
+        "#!/bin/sh\ncat >/dev/null\necho 'Error: Could not process rule: Operation not permitted' >&2\nexit 1\n"
     )
     fake.chmod(0o755)
     with pytest.raises(pm.NftError, match="Operation not permitted"):

@@ -40,6 +40,7 @@ if not usable():
 RUNNERS = ("node1", "node2")
 NODE_PY = "/opt/cerana/venv/bin/python"
 
+
 def on_runners(platform: Platform, tasks: list[dict[str, Any]], nodes=RUNNERS) -> dict[str, Any]:
     """Run ``tasks`` on ``nodes`` with the node venv's Python; return each host's registered results."""
     play = {
@@ -85,8 +86,12 @@ def test_published_port_answers_from_another_node_with_limits_in_the_units(lab):
     plat, addresses = lab["platform"], lab["addresses"]
     assert len(set(addresses.values())) == 2
     # every node publishes the port; requests from node3 reach both instances
-    seen = wait_for(fronts_are(plat, "node3", "node1", set(addresses.values())), 60, interval=1,
-                    what="both instances behind node1's published port")
+    seen = wait_for(
+        fronts_are(plat, "node3", "node1", set(addresses.values())),
+        60,
+        interval=1,
+        what="both instances behind node1's published port",
+    )
     assert sum(seen.values()) == 20
     for target in ("node2", "node3"):
         answer = get(plat, "node3", target)
@@ -158,13 +163,21 @@ def test_unhealthy_instance_leaves_the_rotation_and_comes_back(lab):
     flag = f"/var/lib/cerana/instances/{BUNDLE}/data/unhealthy"
     plat.run_in("node1", "touch", flag)
     try:
-        only_node2 = wait_for(fronts_are(plat, "node3", "node1", {addresses["node2"]}), 60, interval=1,
-                              what="node1's instance out of the rotation")
+        only_node2 = wait_for(
+            fronts_are(plat, "node3", "node1", {addresses["node2"]}),
+            60,
+            interval=1,
+            what="node1's instance out of the rotation",
+        )
         assert sum(only_node2.values()) == 20
     finally:
         plat.run_in("node1", "rm", "-f", flag)
-    wait_for(fronts_are(plat, "node3", "node2", set(addresses.values())), 60, interval=1,
-             what="node1's instance back in the rotation")
+    wait_for(
+        fronts_are(plat, "node3", "node2", set(addresses.values())),
+        60,
+        interval=1,
+        what="node1's instance back in the rotation",
+    )
 
 
 def service_leases(plat: Platform) -> dict[str, Any]:

@@ -133,6 +133,7 @@ def test_lost_node_is_replaced_and_the_excess_goes_when_it_returns(lab):
     plat.run_in(victim, "systemctl", "stop", "cerana-node-tick.service")  # its heartbeats stop
     lost = time.monotonic()
     try:
+
         def replaced() -> set[str] | None:
             found = healthy_nodes(plat)
             return found if len(found) == 2 and ids[victim] not in found else None
@@ -217,8 +218,9 @@ def test_deleted_bundle_is_gone_everywhere(lab):
     undeclare(plat, BUNDLE)
 
     def gone() -> bool:
-        units = [plat.run_in(n, "sh", "-c", f"ls /etc/systemd/system/ | grep -c '^cerana-{BUNDLE}_' || true")
-                 for n in NODES]
+        units = [
+            plat.run_in(n, "sh", "-c", f"ls /etc/systemd/system/ | grep -c '^cerana-{BUNDLE}_' || true") for n in NODES
+        ]
         return not instances(plat) and all(u.strip() == "0" for u in units)
 
     wait_for(gone, 180, interval=1, what="the bundle gone from every node")

@@ -219,7 +219,8 @@ def plan_node(have, want):
     if vx is not None and (vx.kind != "vxlan" or vx.vni != want.vni or vx.port != want.port):
         if vx.kind != "vxlan":
             raise NetError(
-                "%s exists on this node but is a %s, not a vxlan device" % (want.vxlan, vx.kind or "device of unknown kind")
+                "%s exists on this node but is a %s, not a vxlan device"
+                % (want.vxlan, vx.kind or "device of unknown kind")
             )
         steps.append(_step("delete-link", want.vxlan))  # another VNI or port: recreate it
         vx = None
@@ -257,7 +258,9 @@ def plan_bundle(have, want):
         steps.append(_step("delete-link", bn.CONTAINER_IFNAME, ns))
         eth0 = None
     if veth is None:
-        steps.append(_step("create-veth", want.host_veth, peer=bn.CONTAINER_IFNAME, netns=ns, mac=want.mac, mtu=want.mtu))
+        steps.append(
+            _step("create-veth", want.host_veth, peer=bn.CONTAINER_IFNAME, netns=ns, mac=want.mac, mtu=want.mtu)
+        )
         veth = Link(want.host_veth, 0, "veth", False, want.mtu, "")
         eth0 = Link(bn.CONTAINER_IFNAME, 0, "veth", False, want.mtu, want.mac)
     steps += _link_changes(veth, mtu=want.mtu, master=want.bridge)

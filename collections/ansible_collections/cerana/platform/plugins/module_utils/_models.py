@@ -396,7 +396,7 @@ def _regex(value, path):
 
 def _file_mode(value, path):
     if not isinstance(value, str) or not re.match(r"^0?[0-7]{3,4}$", value):
-        raise ValidationError(path, "must be an octal mode string such as \"0644\", got %s" % _show(value))
+        raise ValidationError(path, 'must be an octal mode string such as "0644", got %s' % _show(value))
     return "%04o" % int(value, 8)
 
 
@@ -477,7 +477,13 @@ class HealthCheck(_Model):
         return cls(id=_label(data["id"], path + ".id"), kind=kind, args=args, interval=interval, timeout=timeout)
 
     def to_dict(self):
-        return {"id": self.id, "kind": self.kind, "args": _ordered(self.args), "interval": self.interval, "timeout": self.timeout}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "args": _ordered(self.args),
+            "interval": self.interval,
+            "timeout": self.timeout,
+        }
 
     def __hash__(self):
         return hash(self.to_json())
@@ -651,7 +657,9 @@ class BundleService(_Model):
             if m.name in mounts:
                 raise ValidationError(where, "is mounted twice")
             if m.mount_point in points:
-                raise ValidationError(where + ".mount_point", "%s is also used by %s" % (m.mount_point, points[m.mount_point]))
+                raise ValidationError(
+                    where + ".mount_point", "%s is also used by %s" % (m.mount_point, points[m.mount_point])
+                )
             points[m.mount_point] = m.name
             mounts[m.name] = m
         return cls(
@@ -700,7 +708,9 @@ class BundlePort(_Model):
                 sorted(
                     {
                         _label(b, "%s.connected_bundles[%d]" % (path, i))
-                        for i, b in enumerate(_str_list(data.get("connected_bundles") or [], path + ".connected_bundles"))
+                        for i, b in enumerate(
+                            _str_list(data.get("connected_bundles") or [], path + ".connected_bundles")
+                        )
                     }
                 )
             ),
@@ -849,7 +859,9 @@ def overlay_bundle(bundle, services, datasets):
         base = datasets.get(bds.id)
         if base is None:
             raise ValidationError("bundle.datasets.%s.id" % name, "dataset %s is not declared" % _show(bds.id))
-        merged = dict(base.to_dict(), name=name, type=bds.type, quota=bds.quota if bds.quota is not None else base.quota)
+        merged = dict(
+            base.to_dict(), name=name, type=bds.type, quota=bds.quota if bds.quota is not None else base.quota
+        )
         out["datasets"][name] = merged
     return out
 
@@ -874,13 +886,17 @@ class ClusterConfig(_Model):
         _fields(data, path, {f.name for f in dataclasses.fields(cls)})
         values = {}
         for name in ("node_ttl", "dataset_ttl", "bundle_ttl"):
-            values[name] = _int(parse_duration(data.get(name, getattr(cls, name)), path + "." + name), path + "." + name, 1, 86400)
+            values[name] = _int(
+                parse_duration(data.get(name, getattr(cls, name)), path + "." + name), path + "." + name, 1, 86400
+            )
         values["history_retention"] = _int(
             parse_duration(data.get("history_retention", cls.history_retention), path + ".history_retention"),
             path + ".history_retention",
             0,
         )
-        values["service_network"] = str(_network(data.get("service_network", cls.service_network), path + ".service_network", max_prefix=28))
+        values["service_network"] = str(
+            _network(data.get("service_network", cls.service_network), path + ".service_network", max_prefix=28)
+        )
         return cls(**values)
 
     def to_dict(self):
@@ -943,8 +959,16 @@ class DHCPConfig(_Model):
         gateway = None
         if data.get("gateway") is not None:
             gateway = inside(data["gateway"], path + ".gateway", "gateway")
-        dns = tuple(str(_ipv4(v, "%s.dns[%d]" % (path, i))) for i, v in enumerate(_str_list(data.get("dns") or [], path + ".dns")))
-        lease = _int(parse_duration(data.get("lease_duration", 3600), path + ".lease_duration"), path + ".lease_duration", 60, 7 * 86400)
+        dns = tuple(
+            str(_ipv4(v, "%s.dns[%d]" % (path, i)))
+            for i, v in enumerate(_str_list(data.get("dns") or [], path + ".dns"))
+        )
+        lease = _int(
+            parse_duration(data.get("lease_duration", 3600), path + ".lease_duration"),
+            path + ".lease_duration",
+            60,
+            7 * 86400,
+        )
         ranges = []
         raw_ranges = data.get("excluded") or []
         if not isinstance(raw_ranges, (list, tuple)):
@@ -1040,12 +1064,16 @@ class Node(_Model):
             try:
                 addresses.append(str(ipaddress.ip_address(a)))
             except ValueError:
-                raise ValidationError("%s.addresses[%d]" % (path, i), "must be an IP address, got %s" % _show(a)) from None
+                raise ValidationError(
+                    "%s.addresses[%d]" % (path, i), "must be an IP address, got %s" % _show(a)
+                ) from None
         load = data.get("load", [0.0, 0.0, 0.0])
         if not isinstance(load, (list, tuple)) or len(load) != 3:
             raise ValidationError(path + ".load", "must be [load1, load5, load15]")
         labels = data.get("labels") or {}
-        if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
             raise ValidationError(path + ".labels", "must be a mapping of strings")
         return cls(
             id=_label(data["id"], path + ".id"),

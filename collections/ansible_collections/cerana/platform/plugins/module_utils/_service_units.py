@@ -86,7 +86,9 @@ class InstanceSpec:
 
     def node_datasets(self):
         """(dataset id, directory) of every dataset that must be on the node: the root and temp sources."""
-        return [(self.dataset, self.root)] + [(mt.dataset, mt.source) for mt in self.mounts if mt.type == "temp" and mt.source]
+        return [(self.dataset, self.root)] + [
+            (mt.dataset, mt.source) for mt in self.mounts if mt.type == "temp" and mt.source
+        ]
 
     def instance_dirs(self):
         """Host directories of the rw mounts, which must exist (owned by the service user)."""

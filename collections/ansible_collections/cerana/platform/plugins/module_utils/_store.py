@@ -705,7 +705,9 @@ class HttpTransport:
             except (OSError, ValueError) as e:  # a CA or certificate file missing or unreadable
                 cert = self.cert if isinstance(self.cert, tuple) else (self.cert,)
                 files = [f for f in (self.verify if isinstance(self.verify, str) else None, *cert) if f]
-                raise _TLSError("cannot load %s: %s" % (", ".join(files) or "the system's CA certificates", e)) from None
+                raise _TLSError(
+                    "cannot load %s: %s" % (", ".join(files) or "the system's CA certificates", e)
+                ) from None
         return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self._ssl)
 
     def close(self):

@@ -77,7 +77,8 @@ def work(module, store):
         body = objects.overlay(stored.obj) if module.params["overlay"] else stored.obj.to_dict()
         item = dict(body, mod_index=stored.mod_index)
         item["instances"] = [
-            dict(hb.to_dict(), healthy=hb.healthy()) for hb in sorted(heartbeats.get(stored.obj.id, []), key=lambda h: h.node)
+            dict(hb.to_dict(), healthy=hb.healthy())
+            for hb in sorted(heartbeats.get(stored.obj.id, []), key=lambda h: h.node)
         ]
         out.append(item)
     return {"changed": False, "bundles": out}

@@ -106,7 +106,9 @@ ARGUMENT_SPEC = dict(
     gateway=dict(type="str"),
     dns=dict(type="list", elements="str"),
     lease_duration=dict(type="raw", default=3600),
-    excluded=dict(type="list", elements="dict", options=dict(start=dict(type="str", required=True), end=dict(type="str"))),
+    excluded=dict(
+        type="list", elements="dict", options=dict(start=dict(type="str", required=True), end=dict(type="str"))
+    ),
     reservations=dict(type="dict"),
     state=dict(type="str", default="present", choices=["present", "absent"]),
     mod_index=dict(type="int"),

@@ -107,7 +107,12 @@ ARGUMENT_SPEC = dict(
 
 def _diff(module, result, before, after):
     if module._diff:
-        result["diff"] = {"before": before, "after": after, "before_header": result["key"], "after_header": result["key"]}
+        result["diff"] = {
+            "before": before,
+            "after": after,
+            "before_header": result["key"],
+            "after_header": result["key"],
+        }
     return result
 
 
