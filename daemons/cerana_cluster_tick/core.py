@@ -56,6 +56,26 @@ def bundle_services(node_plans: Iterable[Any], bundles: Mapping[str, Any]) -> di
     return dict(sorted(out.items()))
 
 
+# The converge playbook's step tags (playbooks/converge.yml) and the plan changes each step walks
+CONVERGE_STEPS = (
+    ("cerana_add_datasets", ("add_datasets",)),
+    ("cerana_stop_bundles", ("stop_bundles",)),
+    ("cerana_run_bundles", ("start_bundles", "update_bundles")),
+    ("cerana_remove_datasets", ("remove_datasets",)),
+)
+
+
+def skip_tags(node_plans: Iterable[Any]) -> list[str]:
+    """The converge playbook's tags to skip for a run of ``node_plans``: ``cerana_plan`` (the
+    daemon hands the plan over) and every step with nothing to do on any of the nodes."""
+    busy = set()
+    for np in node_plans:
+        for tag, lists in CONVERGE_STEPS:
+            if any(getattr(np.changes, name) for name in lists):
+                busy.add(tag)
+    return ["cerana_plan", *(tag for tag, _lists in CONVERGE_STEPS if tag not in busy)]
+
+
 def problems_key(problems: Iterable[Any]) -> tuple[tuple[str, str, str], ...]:
     """A comparable form of a plan's problems (an event is recorded when it changes)."""
     return tuple(sorted((p.object, p.field, p.reason) for p in problems))

@@ -225,6 +225,7 @@ class ClusterTick:
                 envvars=self._envvars(),
                 forks=s.forks,
                 timeout=s.run_timeout,
+                skip_tags=core.skip_tags(plan.nodes[n] for n in run_nodes),
             )
             self._stop_seen = None
             result = self.executor.run(request, cancel=self._cancel)

@@ -46,6 +46,7 @@ class RunRequest:
     envvars: Mapping[str, str]
     forks: int = 10
     timeout: float = 600.0
+    skip_tags: Sequence[str] = ()  # the playbook's steps not to queue at all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,7 @@ class Executor:
                 extravars=dict(req.extravars),
                 envvars=env,
                 forks=req.forks,
+                skip_tags=",".join(req.skip_tags) or None,
                 timeout=max(1, int(req.timeout)),
                 quiet=True,
                 event_handler=on_event,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -247,6 +248,34 @@ def test_bundle_services_of_started_and_updated_bundles():
     }
     plans = [node_plan("n1", start=("shop",)), node_plan("n2", update=("blog",), stop=("idle",))]
     assert core.bundle_services(plans, bundles) == {"blog": ["app"], "shop": ["db", "web"]}
+
+
+def test_skip_tags_leave_out_the_plan_and_the_steps_with_nothing_to_do():
+    assert core.skip_tags([node_plan("n1", start=("shop",)), node_plan("n2", add=("web-root",))]) == [
+        "cerana_plan", "cerana_stop_bundles", "cerana_remove_datasets"]  # fmt: skip
+    assert core.skip_tags([node_plan("n1", update=("shop",), stop=("blog",), remove=("old",))]) == [
+        "cerana_plan", "cerana_add_datasets"]  # fmt: skip
+    assert core.skip_tags([]) == [
+        "cerana_plan",
+        "cerana_add_datasets",
+        "cerana_stop_bundles",
+        "cerana_run_bundles",
+        "cerana_remove_datasets",
+    ]
+
+
+def test_every_converge_step_tag_is_on_a_task_of_the_playbook_and_covers_its_loop():
+    import yaml
+
+    playbooks = Path(__file__).resolve().parents[2] / "collections/ansible_collections/cerana/platform/playbooks"
+    play = yaml.safe_load((playbooks / "converge.yml").read_text())[0]
+    tagged = {t["tags"][0]: t for t in play["tasks"] if t.get("tags")}
+    assert set(tagged) == {"cerana_plan", *(tag for tag, _lists in core.CONVERGE_STEPS)}
+    for tag, lists in core.CONVERGE_STEPS:  # the step's loop walks exactly these change lists
+        loop = tagged[tag]["loop"]
+        variable = loop.strip("{} ")
+        text = loop + str(play["vars"].get(variable, ""))
+        assert all(name in text for name in lists), (tag, text)
 
 
 # -- inventory ----------------------------------------------------------------------------------------
