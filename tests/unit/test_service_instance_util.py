@@ -66,10 +66,10 @@ def test_show_many_reads_one_block_per_unit_in_order() -> None:
     states = Systemd(module).show_many(["a.service", "b.service", "c.service"])
     assert len(calls) == 1 and calls[0][-3:] == ["a.service", "b.service", "c.service"]
     assert states["a.service"] == {"active": True, "active_state": "active", "main_pid": 41, "restarts": 2,
-                                   "enabled": True}  # fmt: skip
+                                   "enabled": True, "load_state": "loaded"}  # fmt: skip
     assert states["b.service"]["active_state"] == "failed" and not states["b.service"]["active"]
     assert states["c.service"] == {"active": False, "active_state": "inactive", "main_pid": None, "restarts": 0,
-                                   "enabled": False}  # fmt: skip
+                                   "enabled": False, "load_state": "not-found"}  # fmt: skip
 
 
 def test_a_bundles_instances_are_removed_with_one_stop_for_all(tmp_path: Path) -> None:

@@ -348,7 +348,8 @@ def run_many(tasks):
 
     Everything is checked before anything is written (a bad service fails the call before any
     instance changed). Then the unit files of all of them are written, and systemd reloaded once
-    (by the ``systemctl enable`` of the new ones, which reloads after it, or a ``daemon-reload``);
+    if a unit it had loaded changed (by the ``systemctl enable`` of the new ones, which reloads
+    after it, or a ``daemon-reload``; new units alone need none);
     the instances to start are started by one ``systemctl start`` and those to restart by one
     ``systemctl restart``, then each must stay up ``settle`` seconds
     (watched together; one that does not is put back as it was). Raises :class:`ServiceFailed`.
@@ -375,9 +376,14 @@ def run_many(tasks):
         written = []
         _each(live, lambda inst: inst.write(sd, uid, gid) and written.append(inst))
         enable = [i.unit for i in written if i.enabled_now]
+        # systemd reads a unit file it already has in memory again on a daemon-reload (which
+        # `enable` does after it); a unit it had not found it loads by itself once its unit
+        # directories changed (systemd 246 and later), so new units alone need no reload
+        # (about 0.2 s of systemd's time on a lab node)
+        reload = any(i.before is not None or i.status["load_state"] != "not-found" for i in written)
         if enable:
-            sd.run("enable", *enable)  # reloads systemd after it: every unit written above is loaded
-        elif written:
+            sd.run("enable", *([] if reload else ["--no-reload"]), *enable)
+        elif reload:
             sd.run("daemon-reload")
         stop = [i for i in live if i.p["state"] == "stopped"]
         if stop:
@@ -396,7 +402,11 @@ def run_many(tasks):
             failed = [i.unit for i in start if i.status["active_state"] == "failed"]
             if failed:  # also clears the start rate limit
                 sd.run("reset-failed", *failed, check=False)
-            sd.run("start", *[i.unit for i in start], check=False)
+            units = [i.unit for i in start]
+            rc, _out = sd.run("start", *units, check=False)
+            if rc != 0 and written and not reload:  # a systemd older than 246 did not find them
+                sd.run("daemon-reload")
+                sd.run("start", *units, check=False)
         pids = wait_started(sd, [i.spec for i in started], max(i.p["settle"] for i in started)) if started else {}
         _each(started, lambda inst: inst.settled(sd, pids[inst.unit]))
     return [inst.result for inst in instances]

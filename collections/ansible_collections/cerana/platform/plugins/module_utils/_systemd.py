@@ -33,6 +33,7 @@ def _state(props):
         "main_pid": int(props.get("MainPID") or 0) or None,
         "restarts": int(props.get("NRestarts") or 0),
         "enabled": props.get("UnitFileState") == "enabled",
+        "load_state": props.get("LoadState", ""),
     }
 
 
