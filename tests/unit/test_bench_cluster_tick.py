@@ -193,6 +193,7 @@ def test_report_prints_every_figure_and_builds_one_table_row(capsys):
                    "rolled": 30.0},
         "idle": {"window": 30.0, "passes": 60, "wakes": 62, "process_ms_per_pass": 4.5, "runs_in_window": 0,
                  "main_ms_per_pass": {"median": 3.0}, "inprocess_ms": {"median": 3.5, "p95": 4.0}},
+        "host": {"reference_s": 0.55, "reference_after_s": 0.71, "steal_pct": 1.25},
     }  # fmt: skip
     args = argparse.Namespace(node_ttl=3)
     row = bench.report(args, result, [1.0, 2.0], 1.0, 0.0)
@@ -201,4 +202,12 @@ def test_report_prints_every_figure_and_builds_one_table_row(capsys):
     assert "4.00 (1) / 6.00 (1)" in out
     header_columns = bench.HEADER.splitlines()[0].count("|")
     assert row.startswith("| ") and row.count("|") == header_columns
-    assert "| 2 (node1; node3); 0 |" in row
+    assert "| 2 (node1; node3); 0 | 0.55-0.71; 1.2 |" in row
+    assert "0.550 s before the lab, 0.710 s after it" in out and "steal during the run 1.2 %" in out
+
+
+def test_steal_is_a_share_of_all_cpu_time_between_two_readings():
+    assert bench.steal_percent((100, 10_000), (150, 12_000)) == 2.5
+    assert bench.steal_percent((0, 5), (0, 5)) == 0.0  # no time passed
+    steal, total = bench.cpu_times()  # this machine's /proc/stat
+    assert 0 <= steal <= total and total > 0
