@@ -91,7 +91,10 @@ class Settings:
         "directory of the runs (runs/<id>/: ansible-runner's private data dir with its artifacts); mode 0700",
     )  # fmt: skip
     playbook: str = setting(
-        "cerana.platform.converge", parse_str, "the converge playbook: a collection playbook name or a path"
+        "cerana.platform.converge",
+        parse_str,
+        "the converge playbook: a collection playbook name or a path (run with --skip-tags for the cerana_* "
+        "step tags with nothing to do, as in cerana.platform.converge)",
     )
     inventory: str = setting(
         "", _optional_str,
