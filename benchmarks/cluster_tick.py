@@ -318,8 +318,8 @@ def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 def reference_seconds(times: int = 5) -> float:
     """Median wall time of a new interpreter importing ``ansible-playbook``'s code (bytecode
-    cached by a first run): the fixed cost each converge run starts with, measured on an idle
-    machine before the lab, so that rows from other machines and moments can be compared."""
+    cached by a first run): the fixed cost each converge run starts with, measured before the
+    lab and after it, so that rows from other machines and moments can be compared."""
     cmd = [sys.executable, "-c", "import ansible.cli.playbook"]
     subprocess.run(cmd, check=True)  # caches the bytecode
     walls = []
@@ -793,8 +793,7 @@ INTRO = (
     "**change**: one bundle's env changed (rolling update): run events (nodes of each) and nodes outside "
     "that bundle touched; goal: only its nodes. **host**: how fast the machine was: the median wall time of a "
     "new interpreter importing `ansible-playbook`'s code (measured before the lab and after it, bytecode cached), "
-    "and the CPU "
-    "time the hypervisor gave to other guests during the run (steal), in %."
+    "and the CPU time the hypervisor gave to other guests during the run (steal), in %."
 )
 HEADER = (
     "| date | nproc | memory | CPU | load start-max-end | d2h s median / p95 (n) | no copy / copy: median (n) "
