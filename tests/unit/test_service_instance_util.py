@@ -99,3 +99,32 @@ def test_a_bundles_instances_are_removed_with_one_stop_for_all(tmp_path: Path) -
     both = ["cerana-shop_backend.service", "cerana-shop_front.service"]
     assert [c for c in calls if c[0] != "show"] == [
         ["stop", *both], ["disable", "--no-reload", *both], ["daemon-reload"], ["reset-failed", *both]]  # fmt: skip
+
+
+def test_units_systemd_did_not_find_without_a_reload_are_started_after_one() -> None:
+    from ansible_collections.cerana.platform.plugins.module_utils._systemd import Systemd
+
+    def fake(start_rc, load_states):
+        calls = []
+
+        def run_command(argv):
+            calls.append(argv[1:])
+            if argv[1] == "show":
+                blocks = [f"ActiveState=inactive\nLoadState={state}\n" for state in load_states]
+                return 0, "\n\n".join(blocks), ""
+            return (start_rc if argv[1] == "start" and len(calls) == 1 else 0), "", ""
+
+        return calls, Systemd(SimpleNamespace(get_bin_path=lambda name, required=False: name, run_command=run_command))
+
+    calls, sd = fake(1, ["loaded", "not-found"])  # an old systemd: b.service not found without a reload
+    si.start_units(sd, ["a.service", "b.service"], unreloaded=True)
+    assert [c[0] for c in calls] == ["start", "show", "daemon-reload", "start"] and calls[-1] == ["start", "b.service"]
+    calls, sd = fake(1, ["loaded", "loaded"])  # a start that failed for another reason: no second try
+    si.start_units(sd, ["a.service", "b.service"], unreloaded=True)
+    assert [c[0] for c in calls] == ["start", "show"]
+    calls, sd = fake(1, ["not-found"])  # systemd was reloaded before: nothing more to try
+    si.start_units(sd, ["a.service"], unreloaded=False)
+    assert [c[0] for c in calls] == ["start"]
+    calls, sd = fake(0, [])  # the usual case: one call
+    si.start_units(sd, ["a.service"], unreloaded=True)
+    assert calls == [["start", "a.service"]]

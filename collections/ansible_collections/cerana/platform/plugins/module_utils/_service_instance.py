@@ -343,6 +343,18 @@ def remove(sd, instances):
     _each(instances, lambda inst: inst.forget())
 
 
+def start_units(sd, units, unreloaded):
+    """``systemctl start`` of ``units`` (its failures are seen by :func:`wait_started`). When new
+    unit files were written without a reload (``unreloaded``), those a systemd older than 246
+    did not find (it does not look again) are started again after one."""
+    rc, _out = sd.run("start", *units, check=False)
+    if rc != 0 and unreloaded:
+        lost = [unit for unit, st in sd.show_many(units).items() if st["load_state"] == "not-found"]
+        if lost:
+            sd.run("daemon-reload")
+            sd.run("start", *lost, check=False)
+
+
 def run_many(tasks):
     """Container instances (one Task each, any state) to their states; their results, in order.
 
@@ -402,11 +414,7 @@ def run_many(tasks):
             failed = [i.unit for i in start if i.status["active_state"] == "failed"]
             if failed:  # also clears the start rate limit
                 sd.run("reset-failed", *failed, check=False)
-            units = [i.unit for i in start]
-            rc, _out = sd.run("start", *units, check=False)
-            if rc != 0 and written and not reload:  # a systemd older than 246 did not find them
-                sd.run("daemon-reload")
-                sd.run("start", *units, check=False)
+            start_units(sd, [i.unit for i in start], unreloaded=bool(written) and not reload)
         pids = wait_started(sd, [i.spec for i in started], max(i.p["settle"] for i in started)) if started else {}
         _each(started, lambda inst: inst.settled(sd, pids[inst.unit]))
     return [inst.result for inst in instances]
